@@ -1,0 +1,1 @@
+"""Reproducible studies: run each as `python -m experiments.<name>`."""
