@@ -1,0 +1,32 @@
+"""Flax ResNet-50, VGG19 and EfficientNet-B0 with torchvision's architectures,
+cut at named layers into `features` (image -> activations) and `head`
+(activations -> logits). See docs/models.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jaxcam.models.base import Model, Stage
+from jaxcam.models.efficientnet import efficientnet_b0
+from jaxcam.models.resnet import resnet50
+from jaxcam.models.vgg import vgg19
+
+ARCHS: dict[str, Callable[[int], Model]] = {
+    "resnet50": resnet50,
+    "vgg19": vgg19,
+    "efficientnet_b0": efficientnet_b0,
+}
+
+
+def get(arch: str, num_classes: int = 1000) -> Model:
+    """The model called `arch` ("resnet50" | "vgg19" | "efficientnet_b0")."""
+    try:
+        build = ARCHS[arch]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}"
+        ) from None
+    return build(num_classes)
+
+
+__all__ = ["ARCHS", "Model", "Stage", "efficientnet_b0", "get", "resnet50", "vgg19"]
