@@ -108,31 +108,65 @@ def to_float01(image) -> np.ndarray:
     raise ValueError(f"unsupported image dtype {arr.dtype}; give uint8, uint16 or float in [0, 1].")
 
 
-def resize_and_crop(image01: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Bilinear resize (shorter side to ``resize_size``) then centre crop, as torchvision."""
-    h, w = image01.shape[:2]
+def resized_shape(height: int, width: int, prep: Preprocessing) -> tuple[int, int]:
+    """The ``(H, W)`` that torchvision's ``Resize(prep.resize_size)`` produces.
+
+    The shorter side becomes ``resize_size``, the longer ``int(resize_size * long / short)``
+    (truncated, as ``torchvision.transforms.functional._compute_resized_output_size``).
+    """
     if prep.resize_size is None:
-        new_h = new_w = prep.image_size
-    else:
-        scale = prep.resize_size / min(h, w)
-        new_h, new_w = max(prep.image_size, round(h * scale)), max(prep.image_size, round(w * scale))
+        return prep.image_size, prep.image_size
+    short, long = min(height, width), max(height, width)
+    new_short, new_long = prep.resize_size, int(prep.resize_size * long / short)
+    return (new_long, new_short) if height > width else (new_short, new_long)
+
+
+def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(top, left)`` of torchvision's ``CenterCrop(size)``: ``int(round((H - size) / 2))``."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def resize_and_crop(image, prep: Preprocessing) -> np.ndarray:
+    """Bilinear (antialiased, PIL) resize then centre crop, with torchvision's arithmetic.
+
+    ``image`` is ``(H, W, C)``: ``uint8`` is resized as an 8-bit PIL image, exactly
+    as torchvision's ``Resize`` does on a PIL image (result ``uint8``); a float
+    image is resized per channel in PIL's 32-bit float mode (no 8-bit rounding).
+    """
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    new_h, new_w = resized_shape(h, w, prep)
     if (new_h, new_w) != (h, w):
-        channels = [
-            np.asarray(
-                Image.fromarray(image01[..., c].astype(np.float32), mode="F").resize(
-                    (new_w, new_h), Image.BILINEAR
-                )
+        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+            image = np.asarray(
+                Image.fromarray(image, mode="RGB").resize((new_w, new_h), Image.BILINEAR)
             )
-            for c in range(image01.shape[-1])
-        ]
-        image01 = np.stack(channels, axis=-1)
-    top = (new_h - prep.image_size) // 2
-    left = (new_w - prep.image_size) // 2
-    return image01[top : top + prep.image_size, left : left + prep.image_size]
+        else:
+            channels = [
+                np.asarray(
+                    Image.fromarray(image[..., c].astype(np.float32), mode="F").resize(
+                        (new_w, new_h), Image.BILINEAR
+                    )
+                )
+                for c in range(image.shape[-1])
+            ]
+            image = np.stack(channels, axis=-1)
+    top, left = center_crop_offsets(new_h, new_w, prep.image_size)
+    return image[top : top + prep.image_size, left : left + prep.image_size]
 
 
 def preprocess(image, prep: Preprocessing | None = None) -> np.ndarray:
-    """One raw image (any of :func:`to_float01`'s inputs) -> model input ``(S, S, 3)`` float32."""
+    """One raw image (any of :func:`to_float01`'s inputs) -> model input ``(S, S, 3)`` float32.
+
+    For an 8-bit RGB image this is torchvision's ``Resize(resize_size)``,
+    ``CenterCrop(image_size)``, ``ToTensor()``, ``Normalize(mean, std)`` on the
+    PIL image, up to float32 rounding (the resize runs on the uint8 image, as
+    in torchvision), laid out ``(H, W, 3)`` instead of ``(3, H, W)``.
+    """
     prep = prep or Preprocessing()
-    img = resize_and_crop(to_float01(image), prep)
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[-1] == 3:
+        img = resize_and_crop(arr, prep).astype(np.float32) / 255.0
+    else:
+        img = resize_and_crop(to_float01(arr), prep)
     return normalize(img, prep.mean, prep.std).astype(np.float32)
