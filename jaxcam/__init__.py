@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "methods": ("jaxcam.methods", None),
     "derivatives": ("jaxcam.derivatives", None),
     "preprocessing": ("jaxcam.preprocessing", None),
+    "io": ("jaxcam.io", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
@@ -34,6 +35,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "load": ("jaxcam.loading", "load"),
     "LoadedModel": ("jaxcam.loading", "LoadedModel"),
     "Preprocessing": ("jaxcam.preprocessing", "Preprocessing"),
+    "load_image": ("jaxcam.io", "load_image"),
+    "convert": ("jaxcam.weights", "convert"),
 }
 
 __all__ = sorted(_EXPORTS)
