@@ -1,0 +1,195 @@
+"""CAM methods as small pure functions of arrays.
+
+Shapes: activations ``A`` (B, h, w, K); diagonal derivatives ``D1, D2, D3``
+like ``A`` (see ``jaxcam.derivatives``); channel weights ``(B, K)``; raw maps
+``(B, h, w)``. Unless noted the map is ``L = ReLU(sum_k w_k A_k)``
+(:func:`weighted_map`). Everything is batched, ``jit``-able and differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+METHODS: tuple[str, ...] = (
+    "cam",
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "scorecam",
+    "shapleycam",
+)
+
+NEGATIVE_DENOMINATOR_RULES: tuple[str, ...] = ("zero", "keep")
+
+
+def weighted_map(A: jax.Array, weights: jax.Array) -> jax.Array:
+    """``ReLU(sum_k w_k A_k)``: ``A`` (B, h, w, K), weights (B, K) -> (B, h, w)."""
+    return jax.nn.relu(jnp.einsum("bhwk,bk->bhw", A, weights))
+
+
+def cam_weights(W: jax.Array, class_idx: jax.Array) -> jax.Array:
+    """CAM (Zhou et al. 2016, arXiv:1512.04150): ``w_k = W[k, c]`` of the GAP + dense
+    head ``S = mean_ij(A) @ W + b``; ``W`` (K, C), classes (B,) -> (B, K).
+
+    The CAM map is ``sum_k w_k A_k`` (ReLU'd by :func:`weighted_map` like the
+    others; positive evidence only).
+    """
+    return W.T[class_idx]
+
+
+def gradcam_weights(D1: jax.Array) -> jax.Array:
+    """Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391): ``w_k = mean_ij D1_ijk``."""
+    return jnp.mean(D1, axis=(1, 2))
+
+
+def gradcam_pp_alpha(
+    A: jax.Array,
+    D2: jax.Array,
+    D3: jax.Array,
+    *,
+    negative_denominator: str = "zero",
+    normalize_alpha: bool = False,
+) -> jax.Array:
+    """Grad-CAM++ coefficients (Chattopadhay et al. 2018, arXiv:1710.11063, eq. 10):
+    ``alpha_ijk = D2_ijk / (2 D2_ijk + (sum_ab A_abk) D3_ijk)``.
+
+    Rules (documented in ``docs/derivatives.md``):
+
+    - denominator exactly 0 -> ``alpha = 0`` (as the authors' code, which
+      replaces 0 denominators; e.g. ``D2 = D3 = 0``);
+    - sign rule, ``negative_denominator="zero"`` (default): ``alpha = 0`` wherever
+      the ratio is negative, i.e. the denominator's sign differs from ``D2``'s.
+      For targets with ``D2 >= 0`` (``exp``, the closed form, ``softmax`` near
+      its mode) that is exactly "negative denominator -> 0": the third-order
+      term outweighs ``2 D2`` there (signed activations, smooth heads) and the
+      eq. 10 derivation, which wants a non-negative weight of a positive
+      gradient, breaks down. For concave targets (``log_softmax``, ``rest``:
+      ``D2 = -Var <= 0``) a negative denominator gives a *positive* alpha, which
+      is kept. ``"keep"``: only zero denominators are replaced; negative alphas
+      stay (pytorch-grad-cam's and the authors' code).
+    - ``normalize_alpha``: the authors' per-channel normalisation
+      ``alpha /= sum_ij alpha`` (0 where that sum is 0). Off by default.
+    """
+    if negative_denominator not in NEGATIVE_DENOMINATOR_RULES:
+        raise ValueError(
+            f"negative_denominator must be one of {NEGATIVE_DENOMINATOR_RULES}, "
+            f"got {negative_denominator!r}."
+        )
+    sum_a = jnp.sum(A, axis=(1, 2), keepdims=True)
+    denom = 2.0 * D2 + sum_a * D3
+    ok = denom != 0
+    alpha = jnp.where(ok, D2 / jnp.where(ok, denom, 1.0), 0.0)
+    if negative_denominator == "zero":
+        alpha = jnp.where(alpha > 0, alpha, 0.0)
+    if normalize_alpha:
+        total = jnp.sum(alpha, axis=(1, 2), keepdims=True)
+        alpha = jnp.where(total != 0, alpha / jnp.where(total != 0, total, 1.0), 0.0)
+    return alpha
+
+
+def gradcam_pp_weights(
+    A: jax.Array,
+    D1: jax.Array,
+    D2: jax.Array,
+    D3: jax.Array,
+    *,
+    negative_denominator: str = "zero",
+    normalize_alpha: bool = False,
+) -> jax.Array:
+    """Grad-CAM++: ``w_k = sum_ij alpha_ijk ReLU(D1_ijk)`` with
+    :func:`gradcam_pp_alpha`. With ``D_n`` exact this is the general eq. 10; with
+    ``D_n = exp(S_c) g^n`` it is the usual closed form (eq. 19)."""
+    alpha = gradcam_pp_alpha(
+        A, D2, D3, negative_denominator=negative_denominator, normalize_alpha=normalize_alpha
+    )
+    return jnp.sum(alpha * jax.nn.relu(D1), axis=(1, 2))
+
+
+def xgradcam_weights(A: jax.Array, D1: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """XGrad-CAM (Fu et al. 2020, arXiv:2008.02312):
+    ``w_k = sum_ij (A_ijk / (sum_ab A_abk + eps)) D1_ijk``."""
+    sum_a = jnp.sum(A, axis=(1, 2), keepdims=True)
+    return jnp.sum(A / (sum_a + eps) * D1, axis=(1, 2))
+
+
+def hirescam_map(A: jax.Array, D1: jax.Array) -> jax.Array:
+    """HiResCAM (Draelos & Carin 2020, arXiv:2011.08891): ``ReLU(sum_k D1_k * A_k)``."""
+    return jax.nn.relu(jnp.sum(D1 * A, axis=-1))
+
+
+def layercam_map(A: jax.Array, D1: jax.Array) -> jax.Array:
+    """LayerCAM (Jiang et al. 2021, IEEE TIP 30): ``ReLU(sum_k ReLU(D1_k) * A_k)``."""
+    return jax.nn.relu(jnp.sum(jax.nn.relu(D1) * A, axis=-1))
+
+
+def shapleycam_weights(D1: jax.Array, HA: jax.Array) -> jax.Array:
+    """ShapleyCAM (Cai 2025, arXiv:2501.06261): ``w_k = mean_ij (D1 - 0.5 H A)_ijk``,
+    ``H A`` the Hessian of the target w.r.t. ``A`` applied to ``A`` itself
+    (see :func:`hessian_times_activations`)."""
+    return jnp.mean(D1 - 0.5 * HA, axis=(1, 2))
+
+
+def hessian_times_activations(f: Callable[[jax.Array], jax.Array], A: jax.Array) -> jax.Array:
+    """``H A`` per image by forward-over-reverse (``jvp`` of ``grad``); ``f`` maps
+    (B, h, w, K) -> (B,), images independent."""
+    grad_f = jax.grad(lambda a: jnp.sum(f(a)))
+    return jax.jvp(grad_f, (A,), (A,))[1]
+
+
+def upsample(maps: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of (B, h, w) maps to (B, H, W) (half-pixel centres, like
+    OpenCV's ``resize`` used by pytorch-grad-cam)."""
+    batch = maps.shape[0]
+    return jax.image.resize(maps, (batch,) + tuple(size), method="bilinear")
+
+
+def normalize_maps(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Min-max normalise each (H, W) map to [0, 1].
+
+    Returns ``(normalised, degenerate)``; ``degenerate`` (B,) bool marks maps
+    with no spread (all zero after the ReLU, or constant): those are returned
+    as zeros, never NaN, and stay differentiable (zero gradient).
+    """
+    lo = jnp.min(maps, axis=(1, 2), keepdims=True)
+    hi = jnp.max(maps, axis=(1, 2), keepdims=True)
+    span = hi - lo
+    tiny = jnp.finfo(maps.dtype).tiny
+    degenerate = span[:, 0, 0] <= tiny
+    safe = jnp.where(span > tiny, span, 1.0)
+    out = jnp.where(span > tiny, (maps - lo) / safe, 0.0)
+    return out, degenerate
+
+
+def scorecam_weights(
+    A: jax.Array,
+    images: jax.Array,
+    score_fn: Callable[[jax.Array], jax.Array],
+    *,
+    batch_size: int = 32,
+) -> jax.Array:
+    """Score-CAM (Wang et al. 2020, arXiv:1910.01279) channel weights (B, K).
+
+    Each channel ``A_k`` is bilinearly upsampled to the input size and min-max
+    normalised to [0, 1] (a constant channel gives a zero mask); the input is
+    multiplied by it and scored by ``score_fn: (B, H, W, 3) -> (B,)`` (the
+    target of the masked image's logits); the weights are a softmax over
+    channels of those scores, as in the authors' code. ``batch_size`` channels
+    are scored per vectorised chunk (``batch_size * B`` forward passes held in
+    memory at once).
+    """
+    batch, _, _, channels = A.shape
+    size = images.shape[1:3]
+    masks = jnp.moveaxis(A, -1, 0)  # (K, B, h, w)
+
+    def one(mask):  # (B, h, w) -> (B,)
+        up = upsample(mask, size)
+        m, _ = normalize_maps(up)
+        return score_fn(images * m[..., None])
+
+    scores = jax.lax.map(one, masks, batch_size=min(int(batch_size), channels))  # (K, B)
+    return jax.nn.softmax(scores.T, axis=-1)
