@@ -1,0 +1,827 @@
+"""Shared machinery of the experiments: options, data, training, explanations, report.
+
+``experiments.ham10000`` and ``experiments.aptos2019`` differ only in an
+:class:`ExperimentSpec` (dataset, methods, headline metric, reference numbers)
+and in their config defaults; everything else — option parsing and fail-fast
+validation, dataset build, fine-tuning with :mod:`jaxcam.train`, the
+classification report, the explanation panels, signed maps, GIF, method
+agreement, localization / faithfulness metrics and ``report.md`` +
+``metrics.json`` — is here, done one way for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARCHS: tuple[str, ...] = ("resnet50", "vgg19", "efficientnet_b0")
+SYNTHETIC = "synthetic_lesions"
+
+# Display names of the explanation methods: label -> (jaxcam method, derivatives).
+METHOD_LABELS: dict[str, tuple[str, str]] = {
+    "Grad-CAM": ("gradcam", "exact"),
+    "Grad-CAM++ (exact)": ("gradcam++", "exact"),
+    "Grad-CAM++ (closed form)": ("gradcam++", "closed_form"),
+    "XGrad-CAM": ("xgradcam", "exact"),
+    "CAM": ("cam", "exact"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Options shared by the experiments (each experiment subclasses it with its defaults).
+
+    ``data_dir`` None runs on the synthetic lesion set. ``cache_dir`` holds the
+    built TFDS dataset (default ``<out>/tfds``). ``num_images`` sizes the
+    synthetic set; ``num_figures`` the explanation panels written;
+    ``max_explain`` caps the test images explained for the metrics (None: all).
+    """
+
+    data_dir: str | None = None
+    pretrained: str | None = None
+    arch: str = "resnet50"
+    layer: str | None = None
+    epochs: int = 3
+    image_size: int = 64
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    class_weighting: bool = False
+    balanced: bool = False
+    patience: int | None = None
+    checkpoint_every: int = 100
+    num_images: int = 1500
+    num_figures: int = 4
+    num_gif: int = 12
+    max_explain: int | None = None
+    out: str = "runs/experiment"
+    cache_dir: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data_dir is None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    """What one experiment is: its dataset, methods, metrics and reference numbers."""
+
+    name: str  # module name, e.g. "ham10000"
+    title: str
+    dataset: str  # TFDS builder for --data-dir
+    methods: tuple[str, ...]  # keys of METHOD_LABELS
+    headline: str  # "accuracy" | "kappa"
+    reference: dict[str, float]  # reference numbers (real dataset), report keys
+    reference_source: str
+    signed: bool = True  # malignant (red) / benign (blue) display
+
+
+_HELP = {
+    "data_dir": "folder with the Kaggle download; without it the synthetic lesion set is used",
+    "pretrained": "torchvision weights file (.pth/.pt/.safetensors) to fine-tune from",
+    "arch": f"architecture, one of {', '.join(ARCHS)}",
+    "layer": "target layer of the explanations (default: the model's default layer)",
+    "num_images": "size of the synthetic set (ignored with --data-dir)",
+    "max_explain": "explain at most this many test images for the metrics (default: all)",
+    "cache_dir": "where the TFDS dataset is built (default: OUT/tfds)",
+}
+
+
+def parse_config(
+    cls: type[ExperimentConfig],
+    argv: Sequence[str] | None,
+    real_defaults: dict[str, Any],
+    description: str,
+) -> ExperimentConfig:
+    """Command line -> config. Defaults come from ``cls`` for the synthetic set and from
+    ``real_defaults`` (the reference setup) when ``--data-dir`` is given; explicit
+    options override both."""
+    parser = argparse.ArgumentParser(description=description)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false",
+                                default=None, help="hide progress bars")
+            continue
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if kind == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=_HELP.get(field.name))
+            continue
+        conv: Callable[[str], Any] = str
+        if "int" in kind:
+            conv = int
+        elif "float" in kind:
+            conv = float
+        parser.add_argument(flag, dest=field.name, type=conv, default=None,
+                            help=_HELP.get(field.name, f"default {field.default!r}"))
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    base = cls()
+    if args.get("data_dir") is not None:
+        base = dataclasses.replace(base, **real_defaults)
+    return dataclasses.replace(base, **args)
+
+
+def validate(config: ExperimentConfig) -> Path:
+    """Fail fast, before any dataset build or training; returns the output folder."""
+    if config.arch not in ARCHS:
+        raise ValueError(f"unknown --arch {config.arch!r}; choose one of {', '.join(ARCHS)}.")
+    if config.data_dir is not None and not Path(config.data_dir).is_dir():
+        raise FileNotFoundError(
+            f"--data-dir {config.data_dir!r} does not exist or is not a folder; give the "
+            "folder holding the Kaggle download, or leave --data-dir out to use the "
+            "synthetic lesion set."
+        )
+    if config.pretrained is not None and not Path(config.pretrained).is_file():
+        raise FileNotFoundError(
+            f"--pretrained {config.pretrained!r} is not a file; give a torchvision weights "
+            "file (.pth, .pt or .safetensors), e.g. one saved with torch.save(model.state_dict())."
+        )
+    for name in ("epochs", "image_size", "batch_size", "num_images"):
+        if getattr(config, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 1, got {getattr(config, name)}.")
+    if config.image_size < 32:
+        raise ValueError(f"--image-size must be >= 32 (the models downsample 32x), got "
+                         f"{config.image_size}.")
+    if config.synthetic and config.batch_size > config.num_images:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is larger than the dataset "
+            f"({config.num_images} images); lower --batch-size or raise --num-images."
+        )
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"output folder {str(out)!r} is not writable ({err.strerror}); choose another --out."
+        ) from None
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    name: str
+    splits: dict[str, Any]  # split -> random-access source
+    class_names: tuple[str, ...]
+    malignant: tuple[bool, ...] | None
+    builder_config: dict[str, Any]
+
+
+def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data:
+    """Build (once, cached) and open the dataset's train / validation / test splits."""
+    import jaxcam.data as jdata
+
+    cache = Path(config.cache_dir) if config.cache_dir else out / "tfds"
+    if config.synthetic:
+        name = SYNTHETIC
+        n_val = n_test = max(1, round(0.15 * config.num_images))
+        builder_config = {"num_train": config.num_images - n_val - n_test,
+                          "num_validation": n_val, "num_test": n_test,
+                          "image_size": config.image_size, "seed": config.seed}
+        print(f"*** No --data-dir: using the SYNTHETIC lesion set ({config.num_images} images, "
+              f"{config.image_size} px), not {spec.title}. Numbers below are about the "
+              "synthetic set. ***", flush=True)
+        jdata.build(name, data_dir=str(cache), progress=config.progress, **builder_config)
+    else:
+        name, builder_config = spec.dataset, {}
+        print(f"Using {spec.title} from {config.data_dir}", flush=True)
+        jdata.build(name, manual_dir=config.data_dir, data_dir=str(cache),
+                    progress=config.progress)
+    splits = {
+        s: jdata.load(name, s, data_dir=str(cache), **builder_config)
+        for s in ("train", "validation", "test")
+    }
+    meta = jdata.info(name)
+    return Data(name, splits, tuple(meta.display_names), tuple(meta.malignant), builder_config)
+
+
+# --------------------------------------------------------------------------------------
+# Model and training
+# --------------------------------------------------------------------------------------
+
+
+def build_model(config: ExperimentConfig, num_classes: int):
+    """The model, its initial variables, and the replaced leaves when fine-tuning."""
+    import jax
+
+    import jaxcam
+    from jaxcam import train
+
+    model = jaxcam.models.get(config.arch, num_classes)
+    min_size = getattr(model, "min_image_size", 32)
+    if config.image_size < min_size:
+        raise ValueError(f"--image-size {config.image_size} is below the {config.arch} "
+                         f"minimum of {min_size} px.")
+    variables = model.init(jax.random.PRNGKey(config.seed), image_size=config.image_size)
+    replaced: list[str] = []
+    if config.pretrained:
+        loaded = jaxcam.load(config.pretrained, arch=config.arch)
+        variables, replaced = train.transfer_variables(loaded.variables, variables)
+        print(f"Fine-tuning from {config.pretrained}: new classifier for {num_classes} "
+              f"classes ({len(replaced)} tensors re-initialised).", flush=True)
+    return model, variables, replaced
+
+
+def train_model(config: ExperimentConfig, spec: ExperimentSpec, data: Data, model, variables,
+                out: Path, predict_fn=None):
+    import jaxcam.data as jdata
+    from jaxcam import train
+
+    train_src = data.splits["train"]
+    n_train = len(train_src)
+    if config.batch_size > n_train:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is larger than the training split "
+            f"({n_train} images); lower --batch-size."
+        )
+    from jaxcam.data.pipeline import source_labels
+
+    train_labels = source_labels(train_src)
+    counts = np.bincount(train_labels, minlength=len(data.class_names))
+    tconfig = train.TrainConfig(
+        epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
+        class_weighting=config.class_weighting, patience=config.patience,
+        checkpoint_every=config.checkpoint_every, seed=config.seed,
+        monitor="kappa" if spec.headline == "kappa" else "balanced_accuracy",
+    )
+
+    def train_batches(epoch: int, start_step: int):
+        return jdata.batches(train_src, config.batch_size, config.image_size, train=True,
+                             seed=config.seed, epoch=epoch, start_step=start_step,
+                             balanced=config.balanced, labels=train_labels)
+
+    def eval_batches():
+        return jdata.batches(data.splits["validation"], config.batch_size, config.image_size,
+                             train=False, seed=config.seed, drop_remainder=False)
+
+    result = train.fit(
+        model, variables, train_batches, train.batches_per_epoch(n_train, config.batch_size),
+        tconfig, out / "checkpoints", eval_batches=eval_batches, class_counts=counts,
+        progress=config.progress, predict_fn=predict_fn,
+    )
+    return result, counts
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def evaluate_split(config, model, variables, source, num_classes: int,
+                   predict_fn=None) -> dict[str, Any]:
+    import jaxcam.data as jdata
+    from jaxcam import train
+
+    out = train.predict(
+        model, variables,
+        jdata.batches(source, config.batch_size, config.image_size, train=False,
+                      seed=config.seed, drop_remainder=False),
+        config.batch_size, predict_fn,
+    )
+    pred = np.argmax(out["logits"], -1)
+    report = train.classification_report(out["label"], pred, num_classes)
+    report["kappa"] = train.quadratic_weighted_kappa(out["label"], pred, num_classes)
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# Explanations
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Explained:
+    """Test-set explanations: maps per method label, and what they explain."""
+
+    images01: np.ndarray  # (N, S, S, 3) display images
+    inputs: np.ndarray  # (N, S, S, 3) normalised model inputs
+    labels: np.ndarray  # (N,)
+    pred: np.ndarray  # (N,)
+    probs: np.ndarray  # (N, C)
+    masks: np.ndarray | None  # (N, S, S) uint8
+    maps: dict[str, np.ndarray]  # label -> (N, S, S) in [0, 1]
+    skipped: dict[str, str]  # label -> why
+
+
+def available_methods(spec: ExperimentSpec, model, variables, layer) -> tuple[list[str], dict]:
+    skipped = {}
+    methods = []
+    for label in spec.methods:
+        name, _ = METHOD_LABELS[label]
+        if name == "cam" and model.linear_head(variables, layer or model.default_layer) is None:
+            skipped[label] = (f"{model.arch} has no global-average-pool + dense head at "
+                              f"{layer or model.default_layer}")
+            continue
+        methods.append(label)
+    return methods, skipped
+
+
+def explain_test_set(config, spec, model, variables, source, predict_fn) -> Explained:
+    """Explain the predicted class of (up to ``max_explain``) test images with every method."""
+    import jax
+    from tqdm.auto import tqdm
+
+    import jaxcam
+    import jaxcam.data as jdata
+    from jaxcam.preprocessing import denormalize
+
+    methods, skipped = available_methods(spec, model, variables, config.layer)
+    by_derivatives: dict[str, list[str]] = {}
+    for label in methods:
+        by_derivatives.setdefault(METHOD_LABELS[label][1], []).append(label)
+    limit = config.max_explain if config.max_explain is not None else len(source)
+    bs = config.batch_size
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    keep: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "mask", "probs")}
+    seen = 0
+    total = min(limit, len(source))
+    bar = tqdm(total=total, desc="explain", disable=not config.progress, leave=False)
+    for batch in jdata.batches(source, bs, config.image_size, train=False, seed=config.seed,
+                               drop_remainder=False):
+        if seen >= limit:
+            break
+        n = min(len(batch["label"]), limit - seen)
+        x = np.asarray(batch["image"])[:n]
+        xp = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x
+        for derivatives, labels in by_derivatives.items():
+            names = [METHOD_LABELS[m][0] for m in labels]
+            exs = jaxcam.explain(model, variables, xp, method=names, layer=config.layer,
+                                 derivatives=derivatives)
+            for m, name in zip(labels, names, strict=True):
+                maps[m].append(np.asarray(exs[name].maps)[:n])
+        keep["image"].append(x)
+        keep["label"].append(np.asarray(batch["label"])[:n])
+        keep["probs"].append(np.asarray(jax.nn.softmax(predict_fn(variables, xp), -1))[:n])
+        if "mask" in batch:
+            keep["mask"].append(np.asarray(batch["mask"])[:n])
+        seen += n
+        bar.update(n)
+    bar.close()
+    inputs = np.concatenate(keep["image"])
+    probs = np.concatenate(keep["probs"])
+    return Explained(
+        images01=np.asarray(denormalize(inputs)),
+        inputs=inputs,
+        labels=np.concatenate(keep["label"]),
+        pred=probs.argmax(-1),
+        probs=probs,
+        masks=np.concatenate(keep["mask"]) if keep["mask"] else None,
+        maps={m: np.concatenate(v) for m, v in maps.items()},
+        skipped=skipped,
+    )
+
+
+def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, Any]:
+    """Localization (vs masks), faithfulness (average drop) and agreement between methods.
+
+    Per method: pointing-game hit rate and energy pointing game against the
+    lesion masks (when the dataset has them), Average Drop (fraction, lower is
+    better) and Increase in Confidence (Chattopadhyay et al. 2018). Per pair of
+    methods: mean Spearman rank correlation and top-20% IoU; images where every
+    pair's IoU >= 0.5 count as "all methods agree".
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcam import metrics
+
+    out: dict[str, Any] = {"per_method": {}, "agreement": {}}
+    bs = config.batch_size
+    n = len(ex.labels)
+
+    def chunked(fn, *arrays):
+        vals = []
+        for s in range(0, n, bs):
+            parts = [a[s:s + bs] for a in arrays]
+            k = len(parts[0])
+            if k < bs:  # pad to one compiled shape
+                parts = [np.concatenate([p, np.repeat(p[-1:], bs - k, 0)]) for p in parts]
+            vals.append(np.asarray(fn(*parts))[:k])
+        return np.concatenate(vals)
+
+    pointing = jax.jit(lambda m, g: metrics.pointing_game(m, g))
+    energy = jax.jit(lambda m, g: metrics.energy_pointing_game(m, g))
+
+    @jax.jit
+    def confidence(v, x, m, c):  # variables are an argument, not constants folded into HLO
+        score_fn = lambda z: jax.nn.softmax(model.apply(v, z), -1)
+        return jnp.stack(metrics.confidence_scores(score_fn, x, m, c), -1)
+
+    spearman = jax.jit(metrics.spearman)
+    top20_iou = jax.jit(lambda a, b: metrics.top_k_iou(a, b, 20.0))
+
+    if ex.masks is not None:
+        out["random_baseline_pointing"] = float(ex.masks.reshape(n, -1).mean())
+    for label, maps in ex.maps.items():
+        row: dict[str, float] = {}
+        if ex.masks is not None:
+            row["pointing_game"] = float(np.mean(chunked(pointing, maps, ex.masks)))
+            row["energy_pointing_game"] = float(np.mean(chunked(energy, maps, ex.masks)))
+        scores = chunked(partial(confidence, variables), ex.inputs, maps, ex.pred)  # (N, 2): Y, O
+        y, o = scores[:, 0], scores[:, 1]
+        row["average_drop"] = float(np.mean(np.maximum(0.0, y - o) / y))
+        row["increase_in_confidence"] = float(np.mean(y < o))
+        out["per_method"][label] = row
+
+    labels = list(ex.maps)
+    pairs = {}
+    pair_iou = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            rho = chunked(spearman, ex.maps[a], ex.maps[b])
+            iou = chunked(top20_iou, ex.maps[a], ex.maps[b])
+            pairs[f"{a} vs {b}"] = {"spearman": float(np.mean(rho)),
+                                    "top20_iou": float(np.mean(iou))}
+            pair_iou.append(iou)
+    out["agreement"]["pairs"] = pairs
+    if pair_iou:
+        min_iou = np.min(np.stack(pair_iou), axis=0)
+        agree = min_iou >= 0.5
+        correct = ex.pred == ex.labels
+        out["agreement"].update({
+            "rule": "all pairwise top-20% IoU >= 0.5",
+            "agree_count": int(agree.sum()),
+            "disagree_count": int((~agree).sum()),
+            "accuracy_agree": float(correct[agree].mean()) if agree.any() else None,
+            "accuracy_disagree": float(correct[~agree].mean()) if (~agree).any() else None,
+        })
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+
+def _figure(nrows: int, ncols: int, w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+
+
+def confusion_figure(matrix, class_names: Sequence[str], title: str):
+    m = np.asarray(matrix)
+    k = len(class_names)
+    fig, axes = _figure(1, 1, 1.2 + 0.8 * k, 1.0 + 0.7 * k)
+    ax = axes[0, 0]
+    ax.imshow(m, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=9)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def curves_figure(history: list[dict]):
+    fig, axes = _figure(1, 2, 9, 3.4)
+    epochs = [h["epoch"] for h in history]
+    axes[0, 0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    axes[0, 0].plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    axes[0, 0].set_title("loss")
+    axes[0, 1].plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    axes[0, 1].plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
+    axes[0, 1].plot(epochs, [h["val_balanced_accuracy"] for h in history], "s--",
+                    label="validation (balanced)")
+    axes[0, 1].set_title("accuracy")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def signed_map(heat: np.ndarray, malignant_pred: bool) -> np.ndarray:
+    """Evidence for the predicted class, signed by its group: ``+map`` for a malignant
+    prediction (drawn red), ``-map`` for a benign one (blue); in ``[-1, 1]``."""
+    return heat if malignant_pred else -heat
+
+
+def explanation_figure(ex: Explained, i: int, class_names, malignant, signed: bool):
+    """Original | each method; rows: heatmap, overlay (and signed overlay)."""
+    from jaxcam import viz
+
+    labels = list(ex.maps)
+    rows = 3 if signed and malignant is not None else 2
+    fig, axes = _figure(rows, len(labels) + 1, 2.0 * (len(labels) + 1), 2.1 * rows + 0.4)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    image = ex.images01[i]
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("original", fontsize=9)
+    if ex.masks is not None:
+        axes[1, 0].imshow(image)
+        axes[1, 0].contour(ex.masks[i], levels=[0.5], colors="lime", linewidths=1)
+        axes[1, 0].set_title("lesion mask", fontsize=9)
+    pred = int(ex.pred[i])
+    for j, label in enumerate(labels, start=1):
+        heat = ex.maps[label][i]
+        axes[0, j].imshow(viz.colorize(heat))
+        axes[0, j].set_title(label, fontsize=9)
+        axes[1, j].imshow(viz.overlay(image, heat))
+        if rows == 3:
+            axes[2, j].imshow(viz.signed_overlay(image, signed_map(heat, malignant[pred])))
+    if rows == 3:
+        axes[2, 0].imshow(image)
+        axes[2, 0].set_title("signed evidence\n(red: malignant, blue: benign)", fontsize=8)
+    group = "" if malignant is None else (" (malignant)" if malignant[pred] else " (benign)")
+    fig.suptitle(f"true: {class_names[int(ex.labels[i])]} | predicted: {class_names[pred]}"
+                 f"{group}, p={ex.probs[i, pred]:.2f}", fontsize=10)
+    return fig
+
+
+def write_gif(path: Path, ex: Explained, label: str, class_names, malignant, count: int,
+              size: int = 160) -> str:
+    """Frames: original | overlay of ``label``'s map (signed when malignancy is known)."""
+    from PIL import Image
+
+    from jaxcam import viz
+
+    frames, captions = [], []
+    for i in range(min(count, len(ex.labels))):
+        pred = int(ex.pred[i])
+        image = ex.images01[i]
+        heat = ex.maps[label][i]
+        if malignant is not None:
+            ov = viz.signed_overlay(image, signed_map(heat, malignant[pred]))
+            group = "malignant" if malignant[pred] else "benign"
+        else:
+            ov = viz.overlay(image, heat)
+            group = ""
+        pair = np.concatenate([viz.overlay(image, heat, alpha=0.0), ov], axis=1)
+        pair = np.asarray(Image.fromarray(pair).resize((2 * size, size), Image.BILINEAR))
+        frames.append(pair)
+        captions.append(f"pred {class_names[pred]} {group} (true {class_names[int(ex.labels[i])]})")
+    return viz.save_gif(path, frames, captions=captions, duration_ms=900)
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data: Data,
+                 results: dict[str, Any]) -> None:
+    """``report.md`` and ``metrics.json`` from the collected results."""
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    train_r, test_r = results["train"], results["test"]
+    names = data.class_names
+    lines = [f"# {spec.title}: fine-tuning and CAM explanations", ""]
+    if config.synthetic:
+        lines += [
+            f"> **Synthetic data.** No `--data-dir` was given, so this run used the synthetic "
+            f"lesion set ({config.num_images} images, {config.image_size} px, "
+            f"{len(names)} classes), not {spec.title}. The numbers describe the synthetic set; "
+            "the reference numbers of the real study are not comparable and are not shown.", "",
+        ]
+    else:
+        lines += [f"Dataset: {spec.title} from `{config.data_dir}`.", ""]
+    lines += ["## Setup", "", "| option | value |", "|---|---|"]
+    for k, v in dataclasses.asdict(config).items():
+        lines.append(f"| {k} | `{v}` |")
+    sizes = results["data"]["split_sizes"]
+    lines += ["", f"Splits: train {sizes['train']}, validation {sizes['validation']}, "
+              f"test {sizes['test']} images. Training took {results['timing']['train_s']:.0f} s "
+              f"({results['training']['steps']} steps, best epoch "
+              f"{results['training']['best_epoch']}).", ""]
+    lines += ["## Classification", ""]
+    head = ["metric", "ours"] + ([] if config.synthetic else ["reference"])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [
+        ("train accuracy", train_r["accuracy"], "train_accuracy"),
+        ("test accuracy", test_r["accuracy"], "test_accuracy"),
+        ("test balanced accuracy", test_r["balanced_accuracy"], "test_balanced_accuracy"),
+        ("test macro F1", test_r["macro"]["f1"], "test_macro_f1"),
+        ("test weighted F1", test_r["weighted"]["f1"], "test_weighted_f1"),
+    ]
+    for label, ours, key in rows:
+        cells = [label, _pct(ours) if "F1" not in label else f"{ours:.3f}"]
+        if not config.synthetic:
+            ref = spec.reference.get(key)
+            cells.append("" if ref is None else (f"{ref:.3f}" if "F1" in label else _pct(ref)))
+        lines.append("| " + " | ".join(cells) + " |")
+    kappa_cells = ["test quadratic weighted kappa", f"{test_r['kappa']:.3f}"]
+    if not config.synthetic:
+        ref = spec.reference.get("test_kappa")
+        kappa_cells.append("" if ref is None else f"{ref:.3f}")
+    lines.append("| " + " | ".join(kappa_cells) + " |")
+    if not config.synthetic:
+        lines += ["", f"Reference: {spec.reference_source}."]
+    lines += ["", f"Chance level (uniform guess): {_pct(1 / len(names))}; majority class: "
+              f"{_pct(max(test_r['per_class']['support']) / max(test_r['total'], 1))}.", ""]
+    lines += ["### Per class (test)", "", "| class | precision | recall | F1 | support |",
+              "|---|---|---|---|---|"]
+    pc = test_r["per_class"]
+    for c, name in enumerate(names):
+        lines.append(f"| {name} | {pc['precision'][c]:.3f} | {pc['recall'][c]:.3f} | "
+                     f"{pc['f1'][c]:.3f} | {pc['support'][c]} |")
+    for avg in ("macro", "weighted"):
+        r = test_r[avg]
+        lines.append(f"| *{avg} avg* | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{r['f1']:.3f} | {test_r['total']} |")
+    lines += ["", "![confusion matrix](confusion_matrix.png)", "",
+              "![training curves](training_curves.png)", ""]
+    exm = results.get("explanations")
+    if exm:
+        lines += ["## Explanations", "",
+                  f"Maps for the predicted class of {exm['count']} test images, at layer "
+                  f"`{exm['layer']}`. Figures: " + ", ".join(
+                      f"[{Path(p).name}]({p})" for p in exm["figures"]) + ".", "",
+                  f"Animated: ![test images]({exm['gif']})", ""]
+        for label, why in exm["skipped"].items():
+            lines.append(f"- {label} skipped: {why}.")
+        per = exm["metrics"]["per_method"]
+        if per:
+            has_masks = "random_baseline_pointing" in exm["metrics"]
+            head = ["method"] + (["pointing game", "energy pointing game"] if has_masks else [])
+            head += ["average drop", "increase in confidence"]
+            lines += ["", "### Localization and faithfulness", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for label, row in per.items():
+                cells = [label]
+                if has_masks:
+                    cells += [_pct(row["pointing_game"]), f"{row['energy_pointing_game']:.3f}"]
+                cells += [_pct(row["average_drop"]), _pct(row["increase_in_confidence"])]
+                lines.append("| " + " | ".join(cells) + " |")
+            if has_masks:
+                lines += ["", "Pointing game: the map's maximum falls inside the lesion mask. "
+                          "Random baseline (a uniformly random point): "
+                          f"{_pct(exm['metrics']['random_baseline_pointing'])} (mean mask area "
+                          "fraction). Energy pointing game: share of the map's mass inside "
+                          "the mask (the same baseline applies)."]
+            lines += ["", "Average drop (lower is better): mean relative drop of the explained "
+                      "class's probability when the image is multiplied by the map; increase in "
+                      "confidence: share of images where it rises (Chattopadhyay et al. 2018)."]
+        agr = exm["metrics"]["agreement"]
+        if agr.get("pairs"):
+            lines += ["", "### Method agreement", "", "| pair | Spearman | top-20% IoU |",
+                      "|---|---|---|"]
+            for pair, v in agr["pairs"].items():
+                lines.append(f"| {pair} | {v['spearman']:.3f} | {v['top20_iou']:.3f} |")
+            if "agree_count" in agr:
+                lines += ["", f"Images where all methods agree ({agr['rule']}): "
+                          f"{agr['agree_count']}, accuracy {_pct(agr['accuracy_agree'])}; "
+                          f"where they disagree: {agr['disagree_count']}, accuracy "
+                          f"{_pct(agr['accuracy_disagree'])}."]
+        lines.append("")
+    t = results["timing"]
+    lines += ["## Timing", "", " | ".join(f"{k}: {v:.0f} s" for k, v in t.items()), "",
+              "Wall-clock seconds per phase; `cpu_s` is the process CPU time over all "
+              "threads (on an otherwise idle machine, wall time is about cpu_s / cores).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# --------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------
+
+
+def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
+    """Validate, build data, train (resumable), evaluate, explain, write the report."""
+    from jaxcam import train, viz
+
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out = validate(config)
+    data = load_data(config, spec, out)
+    timing["data_s"] = time.perf_counter() - t0
+    num_classes = len(data.class_names)
+    model, variables, replaced = build_model(config, num_classes)
+    layer = model.resolve_layer(config.layer) if config.layer else model.default_layer
+
+    t = time.perf_counter()
+    predict_fn = train.make_predict_fn(model)  # one compiled forward pass for every split
+    result, counts = train_model(config, spec, data, model, variables, out, predict_fn)
+    timing["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    reports = {s: evaluate_split(config, model, result.variables, data.splits[s], num_classes,
+                                 predict_fn) for s in ("train", "test")}
+    timing["evaluate_s"] = time.perf_counter() - t
+    test_r = reports["test"]
+    viz.save_figure(confusion_figure(test_r["confusion_matrix"], data.class_names,
+                                     f"test, accuracy {_pct(test_r['accuracy'])}"),
+                    out / "confusion_matrix.png")
+    viz.save_figure(curves_figure(result.history), out / "training_curves.png")
+    print(f"train accuracy {_pct(reports['train']['accuracy'])} | test accuracy "
+          f"{_pct(test_r['accuracy'])} | balanced {_pct(test_r['balanced_accuracy'])} | "
+          f"macro F1 {test_r['macro']['f1']:.3f} | kappa {test_r['kappa']:.3f}", flush=True)
+    if not config.synthetic and spec.reference:
+        print("reference (" + spec.reference_source + "): " + ", ".join(
+            f"{k} {v:.4g}" for k, v in spec.reference.items()), flush=True)
+
+    t = time.perf_counter()
+    ex = explain_test_set(config, spec, model, result.variables, data.splits["test"],
+                          predict_fn)
+    exm = explanation_metrics(config, model, result.variables, ex)
+    figures = []
+    for i in range(min(config.num_figures, len(ex.labels))):
+        fig = explanation_figure(ex, i, data.class_names, data.malignant, spec.signed)
+        figures.append(f"explanations/test_{i:03d}.png")
+        viz.save_figure(fig, out / figures[-1])
+    gif_label = "Grad-CAM++ (exact)" if "Grad-CAM++ (exact)" in ex.maps else next(iter(ex.maps))
+    write_gif(out / "explanations.gif", ex, gif_label, data.class_names,
+              data.malignant if spec.signed else None, config.num_gif)
+    timing["explain_s"] = time.perf_counter() - t
+    timing["total_s"] = time.perf_counter() - t0
+    timing["cpu_s"] = time.process_time()  # all threads; / cores = wall time on an idle machine
+
+    results = {
+        "experiment": spec.name,
+        "dataset": data.name,
+        "synthetic": config.synthetic,
+        "config": dataclasses.asdict(config),
+        "data": {
+            "class_names": list(data.class_names),
+            "malignant": None if data.malignant is None else list(data.malignant),
+            "split_sizes": {s: len(src) for s, src in data.splits.items()},
+            "train_class_counts": counts.tolist(),
+        },
+        "training": {
+            "history": result.history,
+            "best_epoch": result.best_epoch,
+            "best_value": result.best_value,
+            "stopped_early": result.stopped_early,
+            "steps": result.steps,
+            "resumed_at_step": result.resumed_at_step,
+            "reinitialised_from_pretrained": replaced,
+        },
+        "train": reports["train"],
+        "test": reports["test"],
+        "headline": {spec.headline: reports["test"][spec.headline]},
+        "reference": None if config.synthetic else spec.reference,
+        "explanations": {
+            "count": int(len(ex.labels)),
+            "layer": layer,
+            "methods": list(ex.maps),
+            "skipped": ex.skipped,
+            "figures": figures,
+            "gif": "explanations.gif",
+            "metrics": exm,
+        },
+        "timing": timing,
+    }
+    write_report(out, spec, config, data, results)
+    print(f"Report: {out / 'report.md'} ({timing['total_s']:.0f} s in all)", flush=True)
+    return results
+
+
+def main(cls: type[ExperimentConfig], spec: ExperimentSpec, real_defaults: dict[str, Any],
+         argv: Sequence[str] | None = None) -> int:
+    """Parse, run, and turn bad input into a one-line error with exit status 2."""
+    config = parse_config(cls, argv, real_defaults, f"{spec.title}: fine-tune and explain.")
+    try:
+        run(config, spec)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+

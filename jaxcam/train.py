@@ -1,0 +1,697 @@
+"""Supervised fine-tuning of jaxcam models with optax and orbax, resumable.
+
+One training loop for every experiment: AdamW with a warm-up + cosine
+schedule, weight decay, optional label smoothing and class weighting, batch
+norm statistics updated in train mode and used (running averages) in eval
+mode, an evaluation every epoch, early stopping on a validation metric, and an
+orbax ``CheckpointManager`` pair keeping the *latest* state (saved every
+``checkpoint_every`` steps and at each epoch end) and the *best* one.
+
+Resuming is exact: the data order is a pure function of ``(seed, epoch)`` (the
+caller's ``train_batches(epoch, start_step)``), the dropout key of a step is
+``fold_in(key, step)`` and the train step is a pure jitted function of
+``(state, batch)``, so rerunning an interrupted run continues from the last
+checkpoint and ends with the same parameters as an uninterrupted run.
+
+Also here: the classification metrics the experiments report (confusion
+matrix, per-class precision / recall / F1, balanced accuracy, quadratic
+weighted kappa), in numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+Batch = Mapping[str, Any]
+BatchesFn = Callable[[int, int], Iterable[Batch]]
+
+EVAL_METRICS = ("accuracy", "balanced_accuracy", "loss", "macro_f1", "kappa")
+
+
+# --------------------------------------------------------------------------------------
+# Configuration and state
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`fit`.
+
+    Attributes:
+      epochs: passes over the training set.
+      batch_size: images per step (the caller's batches must have this size;
+        evaluation batches may be smaller, they are padded to it).
+      learning_rate: peak learning rate of the warm-up + cosine schedule.
+      warmup_fraction: fraction of all steps spent in the linear warm-up.
+      weight_decay: AdamW decoupled weight decay.
+      label_smoothing: ``eps`` in ``(1 - eps) * onehot + eps / C``.
+      class_weighting: weight each example's loss by ``N / (C * n_y)``
+        (inverse class frequency); needs ``class_counts`` in :func:`fit`.
+      grad_clip: global-norm clipping threshold, ``None`` for none.
+      monitor: validation metric for early stopping and the best checkpoint,
+        one of ``EVAL_METRICS``; ``"loss"`` is minimised, the others maximised.
+      patience: stop after this many epochs without improvement (``None``: never).
+      checkpoint_every: save the latest state every this many steps (and at
+        each epoch end).
+      seed: seeds the dropout keys (the data order is seeded by the caller).
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    class_weighting: bool = False
+    grad_clip: float | None = 1.0
+    monitor: str = "balanced_accuracy"
+    patience: int | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.monitor not in EVAL_METRICS:
+            raise ValueError(f"monitor must be one of {EVAL_METRICS}, got {self.monitor!r}.")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}.")
+
+    @property
+    def monitor_mode(self) -> str:
+        return "min" if self.monitor == "loss" else "max"
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change the trajectory (a resume must match it)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("checkpoint_every")
+        fields.pop("patience")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes; a pytree, saved whole by orbax."""
+
+    step: jax.Array  # int32 scalar, global step count
+    params: Any
+    batch_stats: Any  # {} for models without batch norm
+    opt_state: Any
+    key: jax.Array  # uint32 (2,), dropout keys are fold_in(key, step)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    ``variables`` are the best-epoch weights when an evaluation set was given,
+    else the final ones; ``final_variables`` are always the last ones.
+    ``history`` has one dict per finished epoch (train loss / accuracy, learning
+    rate, and the ``val_*`` metrics).
+    """
+
+    variables: dict
+    final_variables: dict
+    history: list[dict]
+    best_epoch: int | None
+    best_value: float | None
+    stopped_early: bool
+    resumed_at_step: int | None
+    steps: int
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on a linear warm-up + cosine decay schedule, after optional clipping."""
+    warmup = int(round(config.warmup_fraction * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=0.0,
+    )
+    chain = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
+    chain.append(optax.adamw(schedule, weight_decay=config.weight_decay))
+    return optax.chain(*chain)
+
+
+def learning_rate_at(config: TrainConfig, total_steps: int, step: int) -> float:
+    warmup = int(round(config.warmup_fraction * total_steps))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(total_steps, warmup + 1), 0.0
+    )
+    return float(schedule(step))
+
+
+def class_weights(class_counts: Sequence[int]) -> np.ndarray:
+    """Inverse-frequency weights ``w_c = N / (C * n_c)`` (mean weight over examples is 1).
+
+    Classes with no examples get weight 0.
+    """
+    counts = np.asarray(class_counts, dtype=np.float64)
+    total, num_classes = counts.sum(), len(counts)
+    with np.errstate(divide="ignore"):
+        w = np.where(counts > 0, total / (num_classes * counts), 0.0)
+    return w.astype(np.float32)
+
+
+def weighted_cross_entropy(logits, labels, weights, label_smoothing: float = 0.0):
+    """``sum_i w_{y_i} CE_i / sum_i w_{y_i}`` with optionally smoothed one-hot targets.
+
+    logits (B, C), labels (B,) int, weights (C,) float.
+    """
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, targets)
+    w = weights[labels]
+    return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def init_state(variables: Mapping, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    params = variables["params"]
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(seed),
+    )
+
+
+def state_variables(state: TrainState) -> dict:
+    out = {"params": state.params}
+    if state.batch_stats:
+        out["batch_stats"] = state.batch_stats
+    return out
+
+
+def make_train_step(model, tx, weights, label_smoothing: float = 0.0):
+    """The jitted, pure ``(state, batch) -> (state, metrics)`` step.
+
+    ``batch`` holds ``"image"`` (B, S, S, 3) normalised and ``"label"`` (B,).
+    Batch norm runs in train mode (batch statistics; running averages updated).
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+
+    def loss_fn(params, state, batch):
+        variables = {"params": params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+        key = jax.random.fold_in(state.key, state.step)
+        logits, updates = model.apply(variables, batch["image"], train=True, rng=key)
+        loss = weighted_cross_entropy(logits, batch["label"], weights, label_smoothing)
+        return loss, (logits, updates)
+
+    @jax.jit
+    def train_step(state: TrainState, batch: Batch):
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state, batch
+        )
+        param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, param_updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=updates.get("batch_stats", state.batch_stats),
+            opt_state=opt_state,
+        )
+        correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+        return new_state, {"loss": loss, "correct": correct}
+
+    return train_step
+
+
+def make_predict_fn(model) -> Callable:
+    """Jitted eval-mode forward pass ``(variables, images) -> logits``."""
+    return jax.jit(lambda variables, x: model.apply(variables, x))
+
+
+def predict(
+    model,
+    variables: Mapping,
+    batches: Iterable[Batch],
+    batch_size: int,
+    predict_fn: Callable | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, np.ndarray]:
+    """Eval-mode logits over a finite stream of batches.
+
+    Short batches are padded to ``batch_size`` so that one compiled shape serves
+    all. Returns numpy ``logits`` (N, C), ``label`` (N,) and ``index`` (N,) when
+    the batches carry them.
+    """
+    from tqdm.auto import tqdm
+
+    predict_fn = predict_fn or make_predict_fn(model)
+    logits, labels, indices = [], [], []
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        x = np.asarray(batch["image"])
+        n = x.shape[0]
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+        logits.append(np.asarray(predict_fn(variables, x))[:n])
+        if "label" in batch:
+            labels.append(np.asarray(batch["label"]))
+        if "index" in batch:
+            indices.append(np.asarray(batch["index"]))
+    out = {"logits": np.concatenate(logits) if logits else np.zeros((0, model.num_classes))}
+    if labels:
+        out["label"] = np.concatenate(labels)
+    if indices:
+        out["index"] = np.concatenate(indices)
+    return out
+
+
+def evaluate(
+    model,
+    variables: Mapping,
+    batches: Iterable[Batch],
+    batch_size: int,
+    num_classes: int,
+    predict_fn: Callable | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Loss (unweighted cross-entropy), accuracy, balanced accuracy, macro F1, kappa."""
+    out = predict(model, variables, batches, batch_size, predict_fn, progress, "eval")
+    logits, labels = out["logits"], out["label"]
+    if len(labels) == 0:
+        raise ValueError("the evaluation set is empty; give a split with at least one image.")
+    logp = logits - _logsumexp(logits)
+    loss = float(-np.mean(logp[np.arange(len(labels)), labels]))
+    pred = np.argmax(logits, -1)
+    report = classification_report(labels, pred, num_classes)
+    return {
+        "loss": loss,
+        "accuracy": report["accuracy"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "macro_f1": report["macro"]["f1"],
+        "kappa": quadratic_weighted_kappa(labels, pred, num_classes),
+    }
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------
+# Fine-tuning from pretrained weights
+# --------------------------------------------------------------------------------------
+
+
+def transfer_variables(pretrained: Mapping, fresh: Mapping) -> tuple[dict, list[str]]:
+    """Copy ``pretrained`` into the structure of ``fresh``, keeping fresh leaves that differ.
+
+    Used to fine-tune imported torchvision weights for a new number of classes:
+    every leaf whose path and shape match is taken from ``pretrained``; the
+    rest (the classifier, whose output width changed) keep ``fresh``'s
+    initialisation. Returns the merged variables and the list of replaced
+    leaf paths. Raises ``ValueError`` when nothing matches (wrong architecture).
+    """
+    pre_flat = {
+        jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(pretrained)
+    }
+    replaced: list[str] = []
+    matched = 0
+
+    def pick(path, leaf):
+        nonlocal matched
+        name = jax.tree_util.keystr(path)
+        old = pre_flat.get(name)
+        if old is not None and np.shape(old) == np.shape(leaf):
+            matched += 1
+            return jnp.asarray(old, dtype=jnp.asarray(leaf).dtype)
+        replaced.append(name)
+        return leaf
+
+    merged = jax.tree_util.tree_map_with_path(pick, dict(fresh))
+    if matched == 0:
+        raise ValueError(
+            "none of the pretrained weights fit the model (different architecture?); "
+            "pass the --arch the weights were exported from."
+        )
+    return merged, replaced
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def _managers(workdir: Path, config: TrainConfig):
+    common = dict(enable_async_checkpointing=False, create=True)
+    latest = ocp.CheckpointManager(
+        workdir / "latest",
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, **common),
+        item_names=("state", "meta"),
+    )
+    best = ocp.CheckpointManager(
+        workdir / "best",
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1,
+            best_fn=lambda m: float(m[config.monitor]),
+            best_mode=config.monitor_mode,
+            **common,
+        ),
+        item_names=("state", "meta"),
+    )
+    return latest, best
+
+
+def _save(manager, step: int, state: TrainState, meta: dict, metrics: dict | None = None):
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        ),
+        metrics=metrics,
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def _restore(manager, step: int, like: TrainState) -> tuple[TrainState, dict]:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return out["state"], dict(out["meta"])
+
+
+def fit(
+    model,
+    variables: Mapping,
+    train_batches: BatchesFn,
+    steps_per_epoch: int,
+    config: TrainConfig,
+    workdir: str | Path,
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    class_counts: Sequence[int] | None = None,
+    step_hook: Callable[[int], None] | None = None,
+    progress: bool = True,
+    predict_fn: Callable | None = None,
+    verbose: bool = True,
+) -> TrainResult:
+    """Train ``model`` from ``variables``; resume from ``workdir`` if it holds a run.
+
+    Args:
+      model: a jaxcam model (``apply(variables, x, train=True, rng=key)`` ->
+        ``(logits, {"batch_stats": ...})``; ``apply(variables, x)`` -> logits).
+      variables: initial ``{"params", "batch_stats"?}``.
+      train_batches: ``(epoch, start_step) -> iterable`` of training batches of
+        exactly ``config.batch_size`` images, in an order that is a pure
+        function of ``(seed, epoch)``; ``start_step`` batches are skipped.
+      steps_per_epoch: number of batches ``train_batches`` yields from step 0.
+      config: hyper-parameters.
+      workdir: checkpoint folder (``latest/`` and ``best/``). An existing run
+        there is resumed when its config fingerprint matches; a finished run is
+        not retrained.
+      eval_batches: ``() -> iterable`` of validation batches, evaluated after
+        every epoch; ``None`` skips evaluation (no early stopping, no best).
+      class_counts: training-set class counts, needed for class weighting.
+      step_hook: called with the global step after every step (and after a
+        checkpoint that step); an exception it raises interrupts training the
+        way a kill would.
+      progress: show tqdm bars (loss and accuracy).
+      verbose: print one summary line per epoch (and when resuming).
+      predict_fn: a jitted ``(variables, x) -> logits`` to reuse for evaluation
+        (default: :func:`make_predict_fn`).
+    """
+    from tqdm.auto import tqdm
+
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"steps_per_epoch must be >= 1, got {steps_per_epoch}: the training set is "
+            f"smaller than one batch of {config.batch_size}; lower the batch size."
+        )
+    num_classes = model.num_classes
+    if config.class_weighting:
+        if class_counts is None:
+            raise ValueError("class_weighting=True needs class_counts (training-set counts).")
+        weights = class_weights(class_counts)
+    else:
+        weights = np.ones((num_classes,), np.float32)
+    total_steps = config.epochs * steps_per_epoch
+    tx = make_optimizer(config, total_steps)
+    state = init_state(variables, tx, config.seed)
+    train_step = make_train_step(model, tx, weights, config.label_smoothing)
+    predict_fn = predict_fn or make_predict_fn(model)
+
+    workdir = Path(workdir).absolute()
+    latest, best = _managers(workdir, config)
+    meta: dict[str, Any] = {
+        "fingerprint": config.fingerprint(),
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "loss_sum": 0.0,
+        "correct": 0,
+        "seen": 0,
+        "history": [],
+        "best_value": None,
+        "best_epoch": None,
+        "bad_epochs": 0,
+        "stopped": False,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    resumed_at = None
+    if latest.latest_step() is not None:
+        state, saved = _restore(latest, latest.latest_step(), state)
+        if saved.get("fingerprint") != meta["fingerprint"] or (
+            saved.get("steps_per_epoch") != steps_per_epoch
+        ):
+            raise ValueError(
+                f"{workdir} holds checkpoints of a different training run (other "
+                "hyper-parameters or dataset); use another output folder or delete it."
+            )
+        meta = saved
+        resumed_at = int(state.step)
+        if verbose:
+            print(f"Resuming from step {resumed_at} (epoch {meta['epoch'] + 1}) in {workdir}")
+
+    def better(value: float) -> bool:
+        if meta["best_value"] is None:
+            return True
+        return value < meta["best_value"] if config.monitor_mode == "min" else (
+            value > meta["best_value"]
+        )
+
+    while meta["epoch"] < config.epochs and not meta["stopped"]:
+        epoch = meta["epoch"]
+        start = meta["step_in_epoch"]
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not progress,
+            leave=True,
+        )
+        step_in_epoch = start
+        for batch in train_batches(epoch, start):
+            if step_in_epoch >= steps_per_epoch:
+                break
+            feed = {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+            if feed["image"].shape[0] != config.batch_size:
+                raise ValueError(
+                    f"train_batches yielded a batch of {feed['image'].shape[0]} images, "
+                    f"expected {config.batch_size}; drop the remainder in training."
+                )
+            state, m = train_step(state, feed)
+            step_in_epoch += 1
+            meta["loss_sum"] += float(m["loss"]) * config.batch_size
+            meta["correct"] += int(m["correct"])
+            meta["seen"] += config.batch_size
+            meta["step_in_epoch"] = step_in_epoch
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{meta['loss_sum'] / meta['seen']:.4f}",
+                acc=f"{meta['correct'] / meta['seen']:.3f}",
+            )
+            global_step = int(state.step)
+            if global_step % config.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                _save(latest, global_step, state, meta)
+            if step_hook is not None:
+                step_hook(global_step)
+        bar.close()
+        if step_in_epoch < steps_per_epoch:
+            raise ValueError(
+                f"train_batches yielded {step_in_epoch} batches in epoch {epoch}, "
+                f"expected steps_per_epoch={steps_per_epoch}."
+            )
+
+        record = {
+            "epoch": epoch + 1,
+            "step": int(state.step),
+            "lr": learning_rate_at(config, total_steps, int(state.step)),
+            "train_loss": meta["loss_sum"] / max(meta["seen"], 1),
+            "train_accuracy": meta["correct"] / max(meta["seen"], 1),
+        }
+        metrics = None
+        if eval_batches is not None:
+            val = evaluate(
+                model, state_variables(state), eval_batches(), config.batch_size,
+                num_classes, predict_fn,
+            )
+            record.update({f"val_{k}": v for k, v in val.items()})
+            value = val[config.monitor]
+            if better(value):
+                meta["best_value"], meta["best_epoch"], meta["bad_epochs"] = value, epoch + 1, 0
+                metrics = val
+            else:
+                meta["bad_epochs"] += 1
+                if config.patience is not None and meta["bad_epochs"] >= config.patience:
+                    meta["stopped"] = True
+            if verbose:
+                print(
+                    f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} "
+                    f"acc {record['train_accuracy']:.3f} | val loss {val['loss']:.4f} "
+                    f"acc {val['accuracy']:.3f} bal.acc {val['balanced_accuracy']:.3f}"
+                    + ("  (stopping early)" if meta["stopped"] else ""),
+                    flush=True,
+                )
+        meta["history"].append(record)
+        meta.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, correct=0, seen=0)
+        if metrics is not None:
+            _save(best, int(state.step), state, meta, metrics)
+        _save(latest, int(state.step), state, meta)
+
+    final_vars = state_variables(state)
+    best_vars = final_vars
+    if eval_batches is not None and best.best_step() is not None:
+        best_state, _ = _restore(best, best.best_step(), state)
+        best_vars = state_variables(best_state)
+    latest.close()
+    best.close()
+    return TrainResult(
+        variables=best_vars,
+        final_variables=final_vars,
+        history=list(meta["history"]),
+        best_epoch=meta["best_epoch"],
+        best_value=meta["best_value"],
+        stopped_early=bool(meta["stopped"]),
+        resumed_at_step=resumed_at,
+        steps=int(state.step),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Classification metrics (numpy)
+# --------------------------------------------------------------------------------------
+
+
+def _check_labels(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    y_pred = np.asarray(y_pred, dtype=np.int64).reshape(-1)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {y_true.size} labels but y_pred has {y_pred.size}.")
+    for name, y in (("y_true", y_true), ("y_pred", y_pred)):
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"{name} holds labels outside [0, {num_classes}).")
+    return y_true, y_pred
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """``M[i, j]`` = number of examples of true class ``i`` predicted as ``j``; (C, C) int64."""
+    y_true, y_pred = _check_labels(y_true, y_pred, num_classes)
+    m = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(m, (y_true, y_pred), 1)
+    return m
+
+
+def classification_report(y_true, y_pred, num_classes: int) -> dict[str, Any]:
+    """Per-class precision / recall / F1 / support with macro and weighted averages.
+
+    ``precision_c = M_cc / sum_i M_ic``, ``recall_c = M_cc / sum_j M_cj``,
+    ``F1_c = 2 P R / (P + R)`` (0 where undefined, as scikit-learn's
+    ``zero_division=0``). Macro: unweighted mean over classes; weighted: mean
+    weighted by support. ``balanced_accuracy`` is the mean recall over the
+    classes present in ``y_true``.
+    """
+    m = confusion_matrix(y_true, y_pred, num_classes)
+    tp = np.diag(m).astype(np.float64)
+    predicted = m.sum(0).astype(np.float64)
+    support = m.sum(1)
+
+    def ratio(a, b):
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    precision = ratio(tp, predicted)
+    recall = ratio(tp, support.astype(np.float64))
+    f1 = ratio(2 * precision * recall, precision + recall)
+    total = int(support.sum())
+    present = support > 0
+    weights = support / max(total, 1)
+    return {
+        "confusion_matrix": m.tolist(),
+        "per_class": {
+            "precision": precision.tolist(),
+            "recall": recall.tolist(),
+            "f1": f1.tolist(),
+            "support": support.tolist(),
+        },
+        "macro": {
+            "precision": float(precision.mean()),
+            "recall": float(recall.mean()),
+            "f1": float(f1.mean()),
+        },
+        "weighted": {
+            "precision": float((precision * weights).sum()),
+            "recall": float((recall * weights).sum()),
+            "f1": float((f1 * weights).sum()),
+        },
+        "accuracy": float(tp.sum() / total) if total else 0.0,
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "total": total,
+    }
+
+
+def quadratic_weighted_kappa(y_true, y_pred, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights (the APTOS 2019 metric).
+
+    ``kappa = 1 - sum(W O) / sum(W E)`` with ``O`` the confusion matrix,
+    ``E = outer(row sums, column sums) / N`` and ``W_ij = (i - j)^2 / (C - 1)^2``.
+    Returns 1.0 when both raters put everything in one and the same class
+    (``sum(W E) = 0`` and perfect agreement), 0.0 for other degenerate cases.
+    """
+    o = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
+    n = o.sum()
+    if n == 0 or num_classes < 2:
+        return 0.0
+    idx = np.arange(num_classes)
+    w = (idx[:, None] - idx[None, :]) ** 2 / (num_classes - 1) ** 2
+    e = np.outer(o.sum(1), o.sum(0)) / n
+    denom = (w * e).sum()
+    if denom == 0:
+        return 1.0 if (w * o).sum() == 0 else 0.0
+    return float(1.0 - (w * o).sum() / denom)
+
+
+def batches_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
+    """Number of batches one epoch yields."""
+    if drop_remainder:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)

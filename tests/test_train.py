@@ -1,0 +1,299 @@
+"""Tests for jaxcam.train: classification metrics against hand computations, the loss,
+the optimiser schedule, pretrained-weight transfer, and exact resume after an interruption."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxcam import train
+
+# ----------------------------------------------------------------------------------------
+# Classification metrics
+# ----------------------------------------------------------------------------------------
+
+# A 3-class example worked by hand:
+# true: 0 0 0 1 1 2 2 2 2 2      pred: 0 0 1 1 2 2 2 2 0 0
+#   M = [[2, 1, 0],
+#        [0, 1, 1],
+#        [2, 0, 3]]
+# precision = [2/4, 1/2, 3/4], recall = [2/3, 1/2, 3/5]
+# F1_0 = 2 * (1/2)(2/3) / (1/2 + 2/3) = 4/7, F1_1 = 1/2, F1_2 = 2 * .75 * .6 / 1.35 = 2/3
+Y_TRUE = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+Y_PRED = [0, 0, 1, 1, 2, 2, 2, 2, 0, 0]
+
+
+def test_confusion_matrix_by_hand():
+    m = train.confusion_matrix(Y_TRUE, Y_PRED, 3)
+    np.testing.assert_array_equal(m, [[2, 1, 0], [0, 1, 1], [2, 0, 3]])
+
+
+def test_classification_report_by_hand():
+    r = train.classification_report(Y_TRUE, Y_PRED, 3)
+    np.testing.assert_allclose(r["per_class"]["precision"], [0.5, 0.5, 0.75])
+    np.testing.assert_allclose(r["per_class"]["recall"], [2 / 3, 0.5, 0.6])
+    f1 = [4 / 7, 0.5, 2 / 3]
+    np.testing.assert_allclose(r["per_class"]["f1"], f1)
+    assert r["per_class"]["support"] == [3, 2, 5]
+    assert r["accuracy"] == pytest.approx(0.6)
+    assert r["balanced_accuracy"] == pytest.approx((2 / 3 + 0.5 + 0.6) / 3)
+    assert r["macro"]["f1"] == pytest.approx(np.mean(f1))
+    assert r["macro"]["precision"] == pytest.approx((0.5 + 0.5 + 0.75) / 3)
+    assert r["weighted"]["f1"] == pytest.approx((3 * f1[0] + 2 * f1[1] + 5 * f1[2]) / 10)
+    assert r["weighted"]["recall"] == pytest.approx(r["accuracy"])  # an identity
+    assert r["total"] == 10
+
+
+def test_report_zero_division_is_zero():
+    # class 2 never predicted and never true: precision = recall = F1 = 0, excluded from
+    # balanced accuracy (support 0).
+    r = train.classification_report([0, 1, 1], [0, 1, 0], 3)
+    assert r["per_class"]["f1"][2] == 0.0
+    assert r["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_quadratic_weighted_kappa_by_hand():
+    # O = [[1, 1], [0, 2]] (true 0 0 1 1 ; pred 0 1 1 1), N = 4, W = [[0, 1], [1, 0]]
+    # E = outer([2, 2], [1, 3]) / 4 = [[.5, 1.5], [.5, 1.5]]
+    # kappa = 1 - (1) / (1.5 + .5) = 0.5
+    assert train.quadratic_weighted_kappa([0, 0, 1, 1], [0, 1, 1, 1], 2) == pytest.approx(0.5)
+    # 3 classes: true 0 1 2, pred 0 2 2 ; O = [[1,0,0],[0,0,1],[0,0,1]], W = (i-j)^2 / 4
+    # sum W O = W[1,2] = 1/4 ; E = outer([1,1,1], [1,0,2]) / 3
+    # sum W E = (1/3) * sum_i (W[i,0] * 1 + W[i,2] * 2)
+    #         = (1/3) * ((0 + 2) + (1/4 + 2/4) + (1 + 0)) = (1/3) * 3.75 = 1.25
+    assert train.quadratic_weighted_kappa([0, 1, 2], [0, 2, 2], 3) == pytest.approx(
+        1 - 0.25 / 1.25
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=40), st.randoms())
+def test_kappa_properties(labels, rnd):
+    y = np.asarray(labels)
+    assert train.quadratic_weighted_kappa(y, y, 5) == pytest.approx(1.0)
+    pred = np.asarray([rnd.randint(0, 4) for _ in labels])
+    k = train.quadratic_weighted_kappa(y, pred, 5)
+    assert k == pytest.approx(train.quadratic_weighted_kappa(pred, y, 5))  # symmetric
+    assert -1.0 - 1e-9 <= k <= 1.0 + 1e-9
+    r = train.classification_report(y, pred, 5)
+    assert np.sum(r["confusion_matrix"]) == len(labels)
+    assert r["accuracy"] == pytest.approx(np.trace(r["confusion_matrix"]) / len(labels))
+
+
+def test_metrics_reject_bad_labels():
+    with pytest.raises(ValueError, match="outside"):
+        train.confusion_matrix([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="y_pred has 1"):
+        train.confusion_matrix([0, 1], [0], 3)
+
+
+# ----------------------------------------------------------------------------------------
+# Loss, weights, schedule
+# ----------------------------------------------------------------------------------------
+
+
+def test_class_weights_inverse_frequency():
+    w = train.class_weights([6, 3, 1, 0])
+    np.testing.assert_allclose(w, [10 / (4 * 6), 10 / (4 * 3), 10 / (4 * 1), 0.0], rtol=1e-6)
+    # the mean weight over the examples is 1 (when every class is present)
+    counts = np.array([6, 3, 1])
+    assert (train.class_weights(counts) * counts).sum() / counts.sum() == pytest.approx(1.0)
+
+
+def test_weighted_cross_entropy_matches_manual():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 2])
+    w = jnp.array([1.0, 1.0, 3.0])
+    logp = jax.nn.log_softmax(logits)
+    manual = -(1.0 * logp[0, 0] + 3.0 * logp[1, 2]) / 4.0
+    got = train.weighted_cross_entropy(logits, labels, w)
+    assert float(got) == pytest.approx(float(manual), rel=1e-6)
+    # label smoothing eps: target (1 - eps) onehot + eps / C
+    eps = 0.3
+    t = (1 - eps) * jax.nn.one_hot(labels, 3) + eps / 3
+    manual_s = -(jnp.sum(t * logp, -1) * w[labels]).sum() / w[labels].sum()
+    got_s = train.weighted_cross_entropy(logits, labels, w, eps)
+    assert float(got_s) == pytest.approx(float(manual_s), rel=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = train.TrainConfig(epochs=1, learning_rate=0.1, warmup_fraction=0.2)
+    lrs = [train.learning_rate_at(cfg, 100, s) for s in (0, 10, 20, 60, 100)]
+    assert lrs[0] == 0.0
+    assert lrs[1] == pytest.approx(0.05)
+    assert lrs[2] == pytest.approx(0.1)
+    assert lrs[3] == pytest.approx(0.05, rel=1e-5)  # half way through the cosine
+    assert lrs[4] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        train.TrainConfig(monitor="f2")
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        train.TrainConfig(epochs=0)
+
+
+def test_transfer_variables_keeps_backbone_replaces_classifier():
+    pre = {"params": {"conv": {"kernel": np.ones((3, 3))}, "fc": {"kernel": np.ones((4, 1000))}}}
+    fresh = {"params": {"conv": {"kernel": np.zeros((3, 3))}, "fc": {"kernel": np.zeros((4, 7))}}}
+    merged, replaced = train.transfer_variables(pre, fresh)
+    np.testing.assert_array_equal(merged["params"]["conv"]["kernel"], np.ones((3, 3)))
+    np.testing.assert_array_equal(merged["params"]["fc"]["kernel"], np.zeros((4, 7)))
+    assert replaced == ["['params']['fc']['kernel']"]
+    with pytest.raises(ValueError, match="none of the pretrained weights fit"):
+        train.transfer_variables({"params": {"x": np.ones(2)}}, fresh)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop: a tiny stand-in model honouring the model contract (test-only)
+# ----------------------------------------------------------------------------------------
+
+
+class _TinyNet(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), strides=2)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x)
+        x = x.mean((1, 2))
+        x = nn.Dropout(0.2, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TinyModel:
+    num_classes: int = 3
+
+    @property
+    def module(self):
+        return _TinyNet(self.num_classes)
+
+    def init(self, rng, image_size=8):
+        return dict(self.module.init(rng, jnp.zeros((1, image_size, image_size, 3))))
+
+    def apply(self, variables, x, train=False, rng=None):
+        if not train:
+            return self.module.apply(variables, x)
+        logits, updates = self.module.apply(
+            variables, x, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+        )
+        return logits, dict(updates)
+
+
+def _toy_data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    images = rng.normal(size=(n, 8, 8, 3)).astype(np.float32)
+    images[..., 0] += labels[:, None, None] * 1.5  # learnable signal
+    return images, labels
+
+
+def _batches_fn(images, labels, batch_size, seed):
+    def batches(epoch, start_step):
+        order = np.random.default_rng([seed, epoch]).permutation(len(labels))
+        for s in range(start_step, len(labels) // batch_size):
+            idx = order[s * batch_size : (s + 1) * batch_size]
+            yield {"image": images[idx], "label": labels[idx]}
+
+    return batches
+
+
+def _run(tmp, cfg, hook=None, eval_images=None):
+    images, labels = _toy_data()
+    model = _TinyModel()
+    variables = model.init(jax.random.PRNGKey(0))
+    eval_fn = None
+    if eval_images is not None:
+        ev_x, ev_y = eval_images
+
+        def eval_fn():
+            for s in range(0, len(ev_y), 5):  # ragged last batch exercises the padding
+                yield {"image": ev_x[s : s + 5], "label": ev_y[s : s + 5]}
+
+    return train.fit(
+        model,
+        variables,
+        _batches_fn(images, labels, cfg.batch_size, cfg.seed),
+        len(labels) // cfg.batch_size,
+        cfg,
+        tmp,
+        eval_batches=eval_fn,
+        class_counts=np.bincount(labels, minlength=3),
+        step_hook=hook,
+        progress=False,
+        verbose=False,
+    )
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    cfg = train.TrainConfig(
+        epochs=3, batch_size=8, learning_rate=0.05, checkpoint_every=4, class_weighting=True,
+        label_smoothing=0.1,
+    )
+    ev = _toy_data(12, seed=1)
+    full = _run(tmp_path / "full", cfg, eval_images=ev)
+
+    def kill_at_step_10(step):  # mid-epoch 2 (6 steps per epoch), after the save at step 8
+        if step == 10:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        _run(tmp_path / "cut", cfg, hook=kill_at_step_10, eval_images=ev)
+    resumed = _run(tmp_path / "cut", cfg, eval_images=ev)
+    assert resumed.resumed_at_step == 8
+    assert resumed.steps == full.steps == 18
+    for a, b in zip(
+        jax.tree.leaves(full.final_variables), jax.tree.leaves(resumed.final_variables),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed.history == full.history
+    assert resumed.best_epoch == full.best_epoch
+    # a rerun of a finished run does not train again
+    again = _run(tmp_path / "cut", cfg, eval_images=ev)
+    assert again.steps == 18 and again.history == full.history
+
+
+def test_training_learns_and_keeps_best(tmp_path):
+    cfg = train.TrainConfig(epochs=4, batch_size=8, learning_rate=0.05, checkpoint_every=100)
+    ev = _toy_data(30, seed=2)
+    res = _run(tmp_path, cfg, eval_images=ev)
+    hist = res.history
+    assert len(hist) == 4 and [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    best = max(range(4), key=lambda i: (hist[i]["val_balanced_accuracy"], -i))
+    assert res.best_epoch == best + 1
+    assert res.best_value == hist[best]["val_balanced_accuracy"]
+    assert hist[-1]["val_accuracy"] > 0.6  # chance is ~1/3
+    # batch norm running statistics moved away from their initial values in train mode
+    assert not np.allclose(
+        np.asarray(jax.tree.leaves(res.final_variables["batch_stats"])[0]), 0.0
+    )
+    # the best variables evaluate to the recorded best metric (eval mode, running stats)
+    model = _TinyModel()
+    val = train.evaluate(
+        model, res.variables, [{"image": ev[0], "label": ev[1]}], 30, 3
+    )
+    assert val["balanced_accuracy"] == pytest.approx(res.best_value)
+
+
+def test_early_stopping_and_mismatched_resume(tmp_path):
+    # lr 0: nothing changes, so the metric never improves after epoch 1
+    cfg = train.TrainConfig(epochs=5, batch_size=8, learning_rate=0.0, patience=2)
+    res = _run(tmp_path, cfg, eval_images=_toy_data(12, seed=1))
+    assert res.stopped_early and len(res.history) == 3 and res.best_epoch == 1
+    other = dataclasses.replace(cfg, learning_rate=0.1)
+    with pytest.raises(ValueError, match="different training run"):
+        _run(tmp_path, other, eval_images=_toy_data(12, seed=1))
