@@ -1,0 +1,494 @@
+"""The derivative-correctness study: ``python -m experiments.derivatives``.
+
+For each model / layer / target it measures how far the Grad-CAM++ inputs
+``D2, D3, alpha`` of the ``factored``, ``closed_form`` and ``nested_sum``
+engines are from the ``taylor`` engine (ground truth, on sampled
+coordinates), checks ``taylor`` against float64 central finite differences,
+compares the resulting maps (exact vs closed form vs nested sum, and
+Grad-CAM++ vs Grad-CAM) and times each engine. Writes ``results.json``,
+``report.md`` and plots into ``--out``.
+
+Without ``--checkpoint`` the models are randomly initialised (a control: the
+numbers describe the heads' algebra, not what a trained model attends to).
+
+    python -m experiments.derivatives --out results/derivatives
+    python -m experiments.derivatives --tiny --out /tmp/deriv   # seconds, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+import warnings
+import zlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MODELS: tuple[str, ...] = (
+    "resnet50:layer4,layer3",
+    "vgg19:default,pool5",
+    "efficientnet_b0:features.8,features.7",
+)
+TARGETS: tuple[str, ...] = ("exp", "softmax", "log_softmax", "logit", "rest")
+ENGINES: tuple[str, ...] = ("factored", "closed_form", "nested_sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Options. ``models``: ``arch:layer,layer`` strings (``default`` = the model's
+    default layer). ``coords``: coordinates per image sampled for the ``taylor``
+    ground truth; ``fd_coords``: of those, how many are checked against float64
+    finite differences (image 0)."""
+
+    models: tuple[str, ...] = DEFAULT_MODELS
+    targets: tuple[str, ...] = TARGETS
+    num_images: int = 2
+    image_size: int = 96
+    num_classes: int = 7
+    coords: int = 64
+    fd_coords: int = 4
+    checkpoint: str | None = None
+    out: str = "results/derivatives"
+    seed: int = 0
+    plots: bool = True
+
+
+TINY = Config(models=("resnet50:layer4",), targets=("exp", "softmax"), num_images=1,
+              image_size=64, coords=8, fd_coords=2, plots=False)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="python -m experiments.derivatives",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"arch:layer,layer ... (default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument("--targets", nargs="+", default=None, choices=TARGETS)
+    p.add_argument("--num-images", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--coords", type=int, default=None)
+    p.add_argument("--fd-coords", type=int, default=None)
+    p.add_argument("--checkpoint", default=None,
+                   help="a jaxcam checkpoint directory (its arch replaces --models' archs)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long configuration for CI")
+    a = p.parse_args(argv)
+    base = TINY if a.tiny else Config()
+    updates = {k: v for k, v in dict(
+        models=tuple(a.models) if a.models else None,
+        targets=tuple(a.targets) if a.targets else None, num_images=a.num_images,
+        image_size=a.image_size, num_classes=a.num_classes, coords=a.coords,
+        fd_coords=a.fd_coords, checkpoint=a.checkpoint, out=a.out, seed=a.seed,
+    ).items() if v is not None}
+    if a.no_plots:
+        updates["plots"] = False
+    config = dataclasses.replace(base, **updates)
+    for name in ("num_images", "image_size", "num_classes", "coords"):
+        if getattr(config, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    if config.checkpoint is not None and not Path(config.checkpoint).exists():
+        raise SystemExit(f"--checkpoint {config.checkpoint}: no such file or directory")
+    return config
+
+
+def _parse_models(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
+    out = []
+    for spec in specs:
+        arch, _, layers = spec.partition(":")
+        out.append((arch, [s for s in layers.split(",") if s] or ["default"]))
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def error_stats(got: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """|got - truth| / max|truth| per image (absolute where truth is all 0): median,
+    99th percentile, max over images and coordinates."""
+    got, truth = np.asarray(got, np.float64), np.asarray(truth, np.float64)
+    scale = np.abs(truth).max(axis=1, keepdims=True)
+    scale = np.where(scale > 0, scale, 1.0)
+    err = (np.abs(got - truth) / scale).ravel()
+    return {"median": float(np.median(err)), "p99": float(np.percentile(err, 99)),
+            "max": float(err.max())}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    r = np.empty(x.size)
+    r[np.argsort(x, kind="stable")] = np.arange(x.size)
+    return r
+
+
+def map_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean over images of Pearson, Spearman, top-20% IoU and max |a - b| of (B, H, W) maps."""
+    rows = []
+    for x, y in zip(np.asarray(a, np.float64), np.asarray(b, np.float64), strict=True):
+        x, y = x.ravel(), y.ravel()
+        pear = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+        rx, ry = _ranks(x), _ranks(y)
+        spear = float(np.corrcoef(rx, ry)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+        k = max(1, int(round(0.2 * x.size)))
+        tx, ty = set(np.argsort(-x)[:k]), set(np.argsort(-y)[:k])
+        rows.append((pear, spear, len(tx & ty) / len(tx | ty), float(np.abs(x - y).max())))
+    with warnings.catch_warnings():  # an all-zero (degenerate) map has no correlation
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m = np.nanmean(np.array(rows), axis=0)
+    return {"pearson": float(m[0]), "spearman": float(m[1]), "iou_top20": float(m[2]),
+            "max_abs_diff": float(m[3])}
+
+
+def central_differences(values: dict[int, float], h: float) -> tuple[float, float, float]:
+    """O(h^4) central stencils for d1, d2, d3 from g(j h), j = -3..3."""
+    v = values
+    d1 = (v[-2] - 8 * v[-1] + 8 * v[1] - v[2]) / (12 * h)
+    d2 = (-v[2] + 16 * v[1] - 30 * v[0] + 16 * v[-1] - v[-2]) / (12 * h**2)
+    d3 = (-v[3] + 8 * v[2] - 13 * v[1] + 13 * v[-1] - 8 * v[-2] + v[-3]) / (8 * h**3)
+    return d1, d2, d3
+
+
+def _images(n: int, size: int, seed: int) -> np.ndarray:
+    """Normalised synthetic images: smooth background plus a few bright disks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        img = 0.3 + 0.1 * rng.standard_normal((size, size, 3))
+        for _ in range(3):
+            cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
+            img += (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)[..., None] * rng.uniform(0.3, 0.7, 3)
+        out.append(img)
+    from jaxcam.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    x = (np.clip(np.stack(out), 0, 1) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    return x.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- study
+
+
+def _timed(fn, *args):
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
+
+
+def _finite_differences(model, variables, A, layer, target, cls, coords, h_rel):
+    """taylor (float64) vs float64 central differences at ``coords`` of image 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcam import derivatives as deriv
+    from jaxcam import targets as targets_lib
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        A64 = jnp.asarray(A[:1], jnp.float64)
+        phi = targets_lib.get_target(target)
+        c = jnp.asarray(cls[:1])
+        f = partial(jax.jit(lambda v, a: jax.vmap(phi)(model.head(v, a, layer), c)), v64)
+        exact = deriv.taylor_derivatives_at(f, A64, jnp.asarray(coords))
+        f0 = abs(float(f(A64)[0]))
+        fd = []
+        for j, idx in enumerate(np.asarray(coords)):
+            # step from the function's own scale along this coordinate: the t at which
+            # the n-th Taylor term would match |f|; 2e-3 of it balances the O(h^4)
+            # truncation against float64 round-off in the third derivative
+            scales = [(f0 / abs(float(exact[n][0, j]))) ** (1 / (n + 1)) for n in range(3)
+                      if float(exact[n][0, j]) != 0 and f0 > 0]
+            h = h_rel * (min(scales) if scales else 1.0)
+            e = jnp.zeros(A64[0].size, jnp.float64).at[int(idx)].set(1.0).reshape(A64.shape)
+            vals = {k: float(f(A64 + k * h * e)[0]) for k in range(-3, 4)}
+            fd.append(central_differences(vals, h))
+        fd = np.array(fd).T  # (3, n)
+        return [error_stats(fd[n][None], np.asarray(exact[n])) for n in range(3)]
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcam import derivatives as deriv
+    from jaxcam import methods
+    from jaxcam import targets as targets_lib
+
+    A = jax.jit(lambda v, x: model.features(v, x, layer))(variables, x)
+    # jitted functions take the variables as an argument: closing over them would
+    # make XLA constant-fold the weights (minutes for VGG19's classifier)
+    head_of = lambda v: (lambda a: model.head(v, a, layer))
+    head = head_of(variables)
+    logits = jax.jit(lambda v, a: model.head(v, a, layer))(variables, A)
+    cls = jnp.argmax(logits, -1).astype(jnp.int32)
+    certified = deriv.is_piecewise_linear(head, A)
+    n_coords = int(np.prod(A.shape[1:]))
+    coords = np.sort(rng.choice(n_coords, size=min(config.coords, n_coords), replace=False))
+    sum_a = np.asarray(A.sum((1, 2)))[:, coords % A.shape[-1]][:, None, None, :]
+    out: dict[str, Any] = {"layer": layer, "activation_shape": list(A.shape[1:]),
+                           "coordinates": n_coords, "certified": certified, "targets": {}}
+
+    def alpha_at(D2, D3):  # alphas (B, n) from D2, D3 at the sampled coordinates
+        return np.asarray(methods.gradcam_pp_alpha(
+            jnp.asarray(sum_a), jnp.asarray(D2)[:, None, None, :], jnp.asarray(D3)[:, None, None, :]
+        ))[:, 0, 0, :]
+
+    def maps_from(D):
+        w = methods.gradcam_pp_weights(A, *D)
+        raw = methods.weighted_map(A, w)
+        return np.asarray(methods.normalize_maps(methods.upsample(raw, x.shape[1:3]))[0])
+
+    g = jax.jit(jax.grad(lambda a, v: jnp.sum(
+        model.head(v, a, layer)[jnp.arange(A.shape[0]), cls])))(A, variables)
+    gradcam = np.asarray(methods.normalize_maps(methods.upsample(
+        methods.weighted_map(A, methods.gradcam_weights(g)), x.shape[1:3]))[0])
+
+    shared: dict[str, Any] = {}
+    for target in config.targets:
+        phi = targets_lib.get_target(target)
+        f_of = lambda v, phi=phi: (lambda a: jax.vmap(phi)(model.head(v, a, layer), cls))
+        row: dict[str, Any] = {"errors": {}, "seconds": {}, "maps": {}}
+        taylor_at = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives_at(
+            f_of(v), a, jnp.asarray(coords)))
+        truth, t_sec = _timed(taylor_at, variables, A)
+        row["seconds"]["taylor_sampled"] = t_sec
+        row["seconds"]["taylor_full_per_image_est"] = t_sec / len(coords) * n_coords / A.shape[0]
+        truth = [np.asarray(t) for t in truth]
+        alpha_truth = alpha_at(truth[1], truth[2])
+        full = {}
+        for engine in ENGINES:
+            if engine == "factored" and not certified:
+                continue
+            if engine == "closed_form" and "closed_form" in shared:
+                D, sec = shared["closed_form"]
+            else:
+                fn = jax.jit(lambda v, a, engine=engine, target=target:
+                             deriv.diagonal_derivatives(
+                                 None, a, engine, head=head_of(v), target=target, class_idx=cls,
+                                 certified=certified, linear_head=model.linear_head(v, layer)))
+                D, sec = _timed(fn, variables, A)
+            if engine == "closed_form":  # eq. 19 does not depend on the target
+                shared["closed_form"] = (D, sec)
+            full[engine] = D
+            row["seconds"][engine] = sec
+            at = [np.asarray(d).reshape(A.shape[0], -1)[:, coords] for d in D]
+            row["errors"][engine] = {
+                "D2": error_stats(at[1], truth[1]), "D3": error_stats(at[2], truth[2]),
+                "alpha": error_stats(alpha_at(at[1], at[2]), alpha_truth),
+            }
+        if config.fd_coords:
+            try:
+                fd = _finite_differences(model, variables, A, layer, target, np.asarray(cls),
+                                         coords[: config.fd_coords], 2e-3)
+                row["finite_differences"] = {f"D{n + 1}": fd[n] for n in range(3)}
+            except Exception as err:  # noqa: BLE001 - reported, not hidden
+                row["finite_differences"] = {"error": f"{type(err).__name__}: {err}"}
+        exact = full.get("factored")
+        if exact is None:
+            fn = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives(f_of(v), a))
+            exact, sec = _timed(fn, variables, A)
+            row["seconds"]["taylor_full"] = sec
+        maps = {name: maps_from(D) for name, D in [("exact", exact)] + [
+            (e, full[e]) for e in ("closed_form", "nested_sum")]}
+        degenerate = bool(np.all(np.asarray(exact[1]) == 0))
+        row["exact_D2_identically_zero"] = degenerate
+        row["maps"]["exact_vs_closed_form"] = map_agreement(maps["exact"], maps["closed_form"])
+        row["maps"]["exact_vs_nested_sum"] = map_agreement(maps["exact"], maps["nested_sum"])
+        row["maps"]["gradcampp_exact_vs_gradcam"] = map_agreement(maps["exact"], gradcam)
+        row["_maps"] = {k: v[0] for k, v in maps.items()} | {"gradcam": gradcam[0]}
+        row["_log_err"] = {e: np.log10(np.abs(
+            np.asarray(full[e][1]).reshape(A.shape[0], -1)[:, coords] - truth[1]).ravel()
+            / max(np.abs(truth[1]).max(), 1e-30) + 1e-30) for e in full}
+        out["targets"][target] = row
+    return out
+
+
+def run(config: Config) -> dict[str, Any]:
+    import jax
+
+    import jaxcam
+
+    out_dir = Path(config.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = jax.numpy.asarray(_images(config.num_images, config.image_size, config.seed))
+    results: dict[str, Any] = {"config": dataclasses.asdict(config), "models": []}
+    done: dict[tuple[str, str], Any] = {}
+    partial_file = out_dir / "results.json"
+    if partial_file.exists():  # resume: keep finished layers of a run with the same config
+        previous = json.loads(partial_file.read_text())
+        if previous.get("config") == json.loads(json.dumps(results["config"])):
+            done = {(m["arch"], m["layer"]): m for m in previous["models"]}
+    specs = _parse_models(config.models)
+    if config.checkpoint is not None:
+        bundle = jaxcam.load(config.checkpoint)
+        loaded = {bundle.model.arch: (bundle.model, bundle.variables)}
+        specs = [(a, ls) for a, ls in specs if a == bundle.model.arch] or [
+            (bundle.model.arch, ["default"])]
+    for arch, layers in specs:
+        if config.checkpoint is not None:
+            model, variables = loaded[arch]
+            init = "checkpoint"
+        else:
+            model = jaxcam.models.get(arch, config.num_classes)
+            variables = model.init(jax.random.PRNGKey(config.seed), image_size=config.image_size)
+            init = "random"
+        for layer in layers:
+            name = model.resolve_layer(None if layer == "default" else layer)
+            if (arch, name) in done:
+                print(f"[derivatives] {arch} {name}: kept from {partial_file}", flush=True)
+                results["models"].append(done[(arch, name)])
+                continue
+            t0 = time.perf_counter()
+            print(f"[derivatives] {arch} {name} ...", flush=True)
+            # coordinates sampled per layer, so a resumed run samples the same ones
+            rng = np.random.default_rng([config.seed, zlib.crc32(f"{arch}/{name}".encode())])
+            res = study_layer(model, variables, x, name, config, rng)
+            res.update(arch=arch, init=init, seconds_total=time.perf_counter() - t0)
+            results["models"].append(res)
+            partial_file.write_text(json.dumps(_public(results), indent=2))
+            (out_dir / "report.md").write_text(markdown(_public(results)))
+            print(f"[derivatives] {arch} {name} done in {res['seconds_total']:.1f} s", flush=True)
+    if config.plots:
+        write_plots(results, x, out_dir)
+    results = _public(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "report.md").write_text(markdown(results))
+    return results
+
+
+def _public(results: dict[str, Any]) -> dict[str, Any]:
+    """results without the arrays kept for the plots (keys starting with '_')."""
+    models = [dict(m, targets={t: {k: v for k, v in row.items() if not k.startswith("_")}
+                               for t, row in m["targets"].items()}) for m in results["models"]]
+    return dict(results, models=models)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(s: dict[str, float]) -> str:
+    return f"{s['median']:.1e} / {s['p99']:.1e} / {s['max']:.1e}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    lines = [
+        "# Derivative correctness of Grad-CAM++ inputs",
+        "",
+        f"Images: {cfg['num_images']} synthetic, {cfg['image_size']} px; {cfg['coords']} sampled "
+        "coordinates per layer for the `taylor` ground truth; errors are |x - truth| / "
+        "max|truth| per image (absolute where the truth is identically 0), as median / p99 / max.",
+        "Regenerate: `python -m experiments.derivatives` (add `--checkpoint DIR` for a trained "
+        "model; without it the weights are random: a control).",
+        "",
+        "## Certificate (head piecewise linear?)",
+        "",
+        "| model | layer | init | activations | coordinates | piecewise linear |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in results["models"]:
+        lines.append(f"| {m['arch']} | {m['layer']} | {m['init']} | {m['activation_shape']} | "
+                     f"{m['coordinates']} | {'yes' if m['certified'] else 'no'} |")
+    lines += ["", "## D2, D3, alpha vs taylor (median / p99 / max relative error)", "",
+              "| model | layer | target | engine | D2 | D3 | alpha |",
+              "|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        for t, row in m["targets"].items():
+            for e, errs in row["errors"].items():
+                lines.append(f"| {m['arch']} | {m['layer']} | {t} | {e} | {_fmt(errs['D2'])} | "
+                             f"{_fmt(errs['D3'])} | {_fmt(errs['alpha'])} |")
+    lines += ["", "## taylor (float64) vs float64 central finite differences (image 0)", "",
+              "| model | layer | target | D1 | D2 | D3 |", "|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        for t, row in m["targets"].items():
+            fd = row.get("finite_differences")
+            if not fd:
+                continue
+            if "error" in fd:
+                lines.append(f"| {m['arch']} | {m['layer']} | {t} | {fd['error']} | | |")
+            else:
+                lines.append(f"| {m['arch']} | {m['layer']} | {t} | " + " | ".join(
+                    _fmt(fd[f"D{n}"]) for n in (1, 2, 3)) + " |")
+    lines += ["", "## Map-level effect (Grad-CAM++ maps, mean over images)", "",
+              "| model | layer | target | comparison | Pearson | Spearman | top-20% IoU "
+              "| max abs diff |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        for t, row in m["targets"].items():
+            note = " (exact D2 == 0: degenerate)" if row["exact_D2_identically_zero"] else ""
+            for comp, s in row["maps"].items():
+                lines.append(f"| {m['arch']} | {m['layer']} | {t}{note} | {comp} | "
+                             f"{s['pearson']:.4f} | {s['spearman']:.4f} | {s['iou_top20']:.3f} | "
+                             f"{s['max_abs_diff']:.2e} |")
+    lines += ["", "## Engine time (seconds per call on the whole batch, after compilation)", "",
+              "| model | layer | target | " + " | ".join(
+                  ("taylor (sampled)", "taylor full / image (est.)") + ENGINES) + " |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        for t, row in m["targets"].items():
+            s = row["seconds"]
+            cells = [s.get("taylor_sampled"), s.get("taylor_full_per_image_est")] + [
+                s.get(e) for e in ENGINES]
+            lines.append(f"| {m['arch']} | {m['layer']} | {t} | " + " | ".join(
+                "-" if c is None else f"{c:.3g}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxcam.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+
+    image = np.clip(np.asarray(x[0]) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
+    for m in results["models"]:
+        tag = f"{m['arch']}_{m['layer']}".replace(".", "_")
+        fig, axes = plt.subplots(1, len(m["targets"]), figsize=(4 * len(m["targets"]), 3),
+                                 squeeze=False)
+        if not all("_log_err" in row for row in m["targets"].values()):
+            plt.close(fig)
+            continue  # a layer kept from a resumed run has no arrays to plot
+        for ax, (t, row) in zip(axes[0], m["targets"].items(), strict=True):
+            for e, v in row["_log_err"].items():
+                ax.hist(v, bins=30, alpha=0.5, label=e)
+            ax.set_title(f"{t}: log10 rel. error of D2")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"errors_{tag}.png", dpi=80)
+        plt.close(fig)
+        for t, row in m["targets"].items():
+            panels = [("image", image)] + [(k, row["_maps"][k]) for k in
+                                           ("exact", "closed_form", "nested_sum", "gradcam")]
+            fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3))
+            for ax, (title, im) in zip(axes, panels, strict=True):
+                ax.imshow(im, cmap=None if im.ndim == 3 else "jet", vmin=0, vmax=1)
+                ax.set_title(title)
+                ax.axis("off")
+            fig.suptitle(f"{m['arch']} {m['layer']} target={t}")
+            fig.savefig(out_dir / f"maps_{tag}_{t}.png", dpi=80)
+            plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    t0 = time.perf_counter()
+    run(config)
+    print(f"[derivatives] wrote {config.out}/report.md in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

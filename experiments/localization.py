@@ -1,0 +1,510 @@
+"""Multi-instance localization study: which CAM method finds *every* lesion?
+
+``python -m experiments.localization [--checkpoint DIR] [--num-images N] [--out DIR] [--tiny]``
+
+On the synthetic multi-lesion set (2-4 lesions of one class per image, exact
+per-lesion masks, :mod:`jaxcam.data.synthetic`), compares Grad-CAM, Grad-CAM++
+(exact and closed-form derivatives), XGrad-CAM, CAM, HiResCAM and LayerCAM
+(and a smooth random map as the chance level) on
+
+- pointing game and energy pointing game against the union of the lesions,
+- the fraction of lesions that receive a local maximum of the map, and the
+  fraction that receive at least ``--energy-share`` of its mass,
+- Average Drop %, % Increase in Confidence and Win % (Chattopadhyay et al. 2018),
+
+with the metrics of :mod:`jaxcam.metrics`. The model comes from ``--checkpoint``
+(a jaxcam checkpoint directory, e.g. written by ``jaxcam.checkpoint.save``) or
+is trained here on the ``multi`` configuration of the synthetic TFDS set
+(resumable: rerunning picks up ``OUT/checkpoints``); ``--epochs 0`` keeps the
+random initialisation (a control). Evaluation images are drawn fresh from the
+same generator with their own seeds, so each lesion's mask is exact. Writes
+``OUT/localization.md`` (table), ``OUT/localization.json`` and
+``OUT/localization_examples.png`` / ``OUT/localization_metrics.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# label -> (jaxcam method, derivatives for Grad-CAM++)
+METHOD_LABELS: dict[str, tuple[str, str]] = {
+    "Grad-CAM": ("gradcam", "exact"),
+    "Grad-CAM++ (exact)": ("gradcam++", "exact"),
+    "Grad-CAM++ (closed form)": ("gradcam++", "closed_form"),
+    "XGrad-CAM": ("xgradcam", "exact"),
+    "CAM": ("cam", "exact"),
+    "HiResCAM": ("hirescam", "exact"),
+    "LayerCAM": ("layercam", "exact"),
+}
+RANDOM_LABEL = "Random (smooth)"
+WIN_TIE_TOLERANCE = 1e-4  # drops this close tie (equal maps differ by float noise)
+EVAL_SEED_TAG = 7  # eval image i uses default_rng([seed, 7, i]); the builder's splits never do
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalizationConfig:
+    """Options of the study (``--tiny`` replaces the sizes by :data:`TINY`)."""
+
+    checkpoint: str | None = None
+    arch: str = "resnet50"
+    layer: str | None = None
+    image_size: int = 128
+    num_train: int = 2000
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    num_images: int = 200
+    explain_class: str = "label"
+    tolerance: float = 0.0
+    peak_threshold: float = 0.5
+    peak_window: int = 3
+    energy_share: float = 0.1
+    num_figures: int = 4
+    out: str = "runs/localization"
+    cache_dir: str | None = None
+    seed: int = 0
+    tiny: bool = False
+    progress: bool = True
+
+
+TINY: dict[str, Any] = dict(image_size=64, num_train=16, epochs=0, batch_size=4, num_images=4,
+                            num_figures=2)
+
+_HELP = {
+    "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model; "
+                  "default: train one here",
+    "arch": "architecture when training here: resnet50, vgg19 or efficientnet_b0",
+    "layer": "target layer (default: the model's default layer)",
+    "num_train": "synthetic training images when training here",
+    "epochs": "training epochs (0 keeps the random initialisation, a control)",
+    "num_images": "evaluation images",
+    "explain_class": "'label' (the lesions' class) or 'predicted'",
+    "tolerance": "pointing-game tolerance in pixels",
+    "peak_threshold": "a lesion's local maximum counts if >= this fraction of the map's max",
+    "peak_window": "local maxima are maxima of their window x window neighbourhood (odd)",
+    "energy_share": "a lesion is covered if it holds at least this share of the map's mass",
+    "tiny": f"tiny smoke-test sizes {TINY}",
+}
+
+
+def parse_config(argv: Sequence[str] | None) -> LocalizationConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.localization",
+        description="Multi-lesion localization of CAM methods on the synthetic set.")
+    for field in dataclasses.fields(LocalizationConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if field.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false",
+                                default=None, help="hide progress bars")
+        elif kind == "bool":
+            parser.add_argument(flag, dest=field.name, action="store_true", default=None,
+                                help=_HELP.get(field.name))
+        else:
+            conv = int if "int" in kind else float if "float" in kind else str
+            parser.add_argument(flag, dest=field.name, type=conv, default=None,
+                                help=_HELP.get(field.name, f"default {field.default!r}"))
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    base = LocalizationConfig()
+    if args.get("tiny"):
+        base = dataclasses.replace(base, **TINY)
+    return dataclasses.replace(base, **args)
+
+
+def validate(config: LocalizationConfig) -> None:
+    """Fail fast, before any model is built or trained."""
+    if config.checkpoint is not None and not Path(config.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {config.checkpoint} does not exist; give a jaxcam "
+                                "checkpoint directory, or omit it to train a model here.")
+    if config.explain_class not in ("label", "predicted"):
+        raise ValueError(f"--explain-class must be 'label' or 'predicted', "
+                         f"got {config.explain_class!r}.")
+    for name in ("num_images", "batch_size", "num_train"):
+        if getattr(config, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 1, got {getattr(config, name)}.")
+    if config.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {config.epochs}.")
+    if not 0 <= config.energy_share <= 1 or not 0 <= config.peak_threshold <= 1:
+        raise ValueError("--energy-share and --peak-threshold are fractions in [0, 1].")
+    if config.peak_window < 1 or config.peak_window % 2 == 0:
+        raise ValueError(f"--peak-window must be a positive odd number, got {config.peak_window}.")
+    from jaxcam.data import synthetic
+
+    synthetic.SyntheticConfig(**_image_fields(config.image_size))  # validates the size
+
+
+def _image_fields(image_size: int) -> dict[str, Any]:
+    """The ``multi`` synthetic configuration at ``image_size``."""
+    from jaxcam.data import synthetic
+
+    return {**dataclasses.asdict(synthetic.MULTI), "image_size": image_size}
+
+
+# --------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------
+
+
+def get_model(config: LocalizationConfig, out: Path):
+    """(model, variables, preprocessing, how it was obtained)."""
+    import jax
+
+    import jaxcam
+    from jaxcam.data import synthetic
+    from jaxcam.preprocessing import Preprocessing
+
+    if config.checkpoint is not None:
+        bundle = jaxcam.load(config.checkpoint)
+        if bundle.model.num_classes != synthetic.NUM_CLASSES:
+            raise ValueError(
+                f"the checkpoint's model has {bundle.model.num_classes} classes; the synthetic "
+                f"lesion set has {synthetic.NUM_CLASSES} ({', '.join(synthetic.CLASS_NAMES)}).")
+        source = f"checkpoint {config.checkpoint}"
+        return bundle.model, bundle.variables, bundle.preprocessing, source
+    model = jaxcam.models.get(config.arch, synthetic.NUM_CLASSES)
+    init = jax.jit(lambda key: model.init(key, image_size=config.image_size))
+    variables = init(jax.random.PRNGKey(config.seed))
+    prep = Preprocessing(image_size=config.image_size, resize_size=None)
+    if config.epochs == 0:
+        return model, variables, prep, "random initialisation (--epochs 0, a control)"
+    variables = train_on_multi(config, model, variables, out)
+    return model, variables, prep, (f"trained here: {config.epochs} epochs on "
+                                    f"{config.num_train} multi-lesion images")
+
+
+def train_on_multi(config: LocalizationConfig, model, variables, out: Path):
+    """Fine-tune on the ``multi`` synthetic TFDS configuration with experiments.common."""
+    import jaxcam.data as jdata
+    from experiments import common
+
+    n_val = max(1, config.num_train // 10)
+    builder_config = {"config": "multi", "num_train": config.num_train,
+                      "num_validation": n_val, "num_test": 1,
+                      "image_size": config.image_size, "seed": config.seed}
+    cache = Path(config.cache_dir) if config.cache_dir else out / "tfds"
+    jdata.build(common.SYNTHETIC, data_dir=str(cache), progress=config.progress, **builder_config)
+    splits = {s: jdata.load(common.SYNTHETIC, s, data_dir=str(cache), **builder_config)
+              for s in ("train", "validation")}
+    meta = jdata.info(common.SYNTHETIC)
+    data = common.Data(common.SYNTHETIC, splits, tuple(meta.display_names),
+                       tuple(meta.malignant), builder_config)
+    spec = common.ExperimentSpec(
+        name="localization", title="synthetic multi-lesion set", dataset=common.SYNTHETIC,
+        methods=(), headline="accuracy", reference={}, reference_source="")
+    exp_config = common.ExperimentConfig(
+        arch=config.arch, epochs=config.epochs, image_size=config.image_size,
+        batch_size=min(config.batch_size, config.num_train), learning_rate=config.learning_rate,
+        seed=config.seed, progress=config.progress, out=str(out))
+    result, _ = common.train_model(exp_config, spec, data, model, variables, out)
+    return result.variables
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation data
+# --------------------------------------------------------------------------------------
+
+
+def eval_images(config: LocalizationConfig, image_size: int):
+    """Fresh multi-lesion images: (uint8 images (N,S,S,3), labels (N,), instance ids (N,S,S))."""
+    from jaxcam.data import synthetic
+
+    cfg = synthetic.SyntheticConfig(**_image_fields(image_size))
+    images, labels, ids = [], [], []
+    for i in range(config.num_images):
+        rng = np.random.default_rng([config.seed, EVAL_SEED_TAG, i])
+        scene = synthetic.sample_scene(rng, cfg, label=i % synthetic.NUM_CLASSES)
+        image, inst = synthetic.render(scene, cfg)
+        images.append(np.round(image * 255.0).astype(np.uint8))  # as make_image stores it
+        labels.append(scene.label)
+        ids.append(inst)
+    return np.stack(images), np.asarray(labels, np.int32), np.stack(ids)
+
+
+# --------------------------------------------------------------------------------------
+# The study
+# --------------------------------------------------------------------------------------
+
+
+def smooth_random_maps(rng: np.random.Generator, n: int, raw_shape, size: int) -> np.ndarray:
+    """Uniform noise at the CAM layer's resolution, bilinearly upsampled, in [0, 1]."""
+    import jax
+    import jax.numpy as jnp
+
+    low = rng.uniform(size=(n, *raw_shape)).astype(np.float32)
+    up = jax.image.resize(jnp.asarray(low), (n, size, size), "bilinear")
+    lo = up.min(axis=(1, 2), keepdims=True)
+    return np.asarray((up - lo) / (up.max(axis=(1, 2), keepdims=True) - lo))
+
+
+def run_study(config: LocalizationConfig, model, variables, prep, images_u8, labels, ids):
+    """Explain and score every method; returns (per-method summary, per-image arrays, extras)."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    import jaxcam
+    from jaxcam import metrics
+    from jaxcam.preprocessing import normalize
+
+    layer = model.resolve_layer(config.layer)
+    labels_avail = list(METHOD_LABELS)
+    skipped = {}
+    if model.linear_head(variables, layer) is None:
+        labels_avail.remove("CAM")
+        skipped["CAM"] = f"{model.arch} has no global-average-pool + dense head at {layer}"
+    groups: dict[str, list[str]] = {}
+    for lab in labels_avail:
+        groups.setdefault(METHOD_LABELS[lab][1], []).append(lab)
+
+    n, s = len(labels), images_u8.shape[1]
+    max_inst = int(ids.max()) if ids.size else 1
+    inst = ids[:, None] == np.arange(1, max_inst + 1)[None, :, None, None]  # (N, K, S, S)
+    union = ids > 0
+    x_all = normalize(images_u8.astype(np.float32) / 255.0, prep.mean, prep.std)
+
+    tol, thr, win, share = (config.tolerance, config.peak_threshold, config.peak_window,
+                            config.energy_share)
+
+    @jax.jit
+    def score_batch(variables, x, maps, cls, masks, inst_masks):
+        score_fn = lambda z: jax.nn.softmax(model.apply(variables, z), axis=-1)
+        y, o = metrics.confidence_scores(score_fn, x, maps, cls)
+        cov = metrics.instance_coverage(maps, inst_masks, peak_threshold=thr, window=win,
+                                        energy_share=share)
+        return dict(
+            pointing=metrics.pointing_game(maps, masks, tolerance=tol),
+            energy=metrics.energy_pointing_game(maps, masks),
+            peaks=cov.peaks, shares=cov.shares, valid=cov.valid, y=y, o=o)
+
+    bs = config.batch_size
+    per: dict[str, dict[str, list]] = {}
+    maps_keep: dict[str, list] = {}
+    preds, raw_shape = [], None
+    rng = np.random.default_rng([config.seed, 11])
+    t_explain = t_metrics = 0.0
+    bar = tqdm(total=n, desc="localization", disable=not config.progress, leave=False)
+    for start in range(0, n, bs):
+        k = min(bs, n - start)
+        sl = slice(start, start + k)
+
+        def pad(a, k=k):  # one compiled batch shape: repeat the last image
+            return np.concatenate([a, np.repeat(a[-1:], bs - k, 0)]) if k < bs else a
+
+        x = pad(x_all[sl])
+        # class_idx=None explains each image's prediction (explain takes the argmax)
+        cls = pad(labels[sl]) if config.explain_class == "label" else None
+        batch_maps: dict[str, np.ndarray] = {}
+        batch_pred = None
+        t0 = time.perf_counter()
+        for derivatives, labs in groups.items():
+            names = [METHOD_LABELS[lab][0] for lab in labs]
+            exs = jaxcam.explain(model, variables, x, method=names, layer=layer,
+                                 class_idx=cls, derivatives=derivatives)
+            first = exs[names[0]]
+            if cls is None:
+                cls = np.asarray(first.class_idx)
+            if batch_pred is None:  # the logits do not depend on the method
+                batch_pred = np.asarray(jnp.argmax(first.logits, -1))[:k]
+            for lab, name in zip(labs, names, strict=True):
+                batch_maps[lab] = np.asarray(exs[name].maps)
+                raw_shape = exs[name].raw.shape[1:]
+        preds.append(batch_pred)
+        batch_maps[RANDOM_LABEL] = smooth_random_maps(rng, bs, raw_shape, s)
+        t_explain += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for lab, m in batch_maps.items():
+            out = score_batch(variables, x, m, cls, pad(union[sl]), pad(inst[sl]))
+            row = per.setdefault(lab, {})
+            for key, v in out.items():
+                row.setdefault(key, []).append(np.asarray(v)[:k])
+            if start == 0:
+                maps_keep[lab] = m[:k]
+        t_metrics += time.perf_counter() - t0
+        bar.update(k)
+    bar.close()
+    order = [lab for lab in METHOD_LABELS if lab in per] + [RANDOM_LABEL]
+    arrays = {lab: {key: np.concatenate(v) for key, v in per[lab].items()} for lab in order}
+    summary = summarize(arrays, config.energy_share)
+    extras = dict(pred=np.concatenate(preds), maps=maps_keep, skipped=skipped, layer=layer,
+                  raw_shape=tuple(int(v) for v in raw_shape),
+                  seconds_explain=t_explain, seconds_metrics=t_metrics)
+    return summary, arrays, extras
+
+
+def summarize(arrays: dict[str, dict[str, np.ndarray]], energy_share: float) -> dict[str, dict]:
+    """Per-method numbers (percentages) from the per-image arrays."""
+    from jaxcam import metrics
+
+    drops = {lab: np.maximum(0.0, a["y"] - a["o"]) / a["y"] for lab, a in arrays.items()
+             if lab != RANDOM_LABEL}
+    wins = ({lab: float(v) for lab, v in
+             metrics.win_percentage(drops, tie_tolerance=WIN_TIE_TOLERANCE).items()}
+            if len(drops) >= 2 else {})
+    out = {}
+    for lab, a in arrays.items():
+        valid = a["valid"]
+        n_inst = int(valid.sum())
+        all_found = np.all(a["peaks"] | ~valid, axis=1)
+        out[lab] = {
+            "pointing_game": 100 * float(np.mean(a["pointing"])),
+            "energy_pointing_game": 100 * float(np.mean(a["energy"])),
+            "lesions_with_peak": 100 * float((a["peaks"] & valid).sum() / max(n_inst, 1)),
+            "lesions_with_energy": 100 * float(((a["shares"] >= energy_share) & valid).sum()
+                                               / max(n_inst, 1)),
+            "images_all_lesions_peaked": 100 * float(np.mean(all_found)),
+            "average_drop": 100 * float(np.mean(np.maximum(0.0, a["y"] - a["o"]) / a["y"])),
+            "increase_in_confidence": 100 * float(np.mean(a["y"] < a["o"])),
+            "win": wins.get(lab),
+            "num_lesions": n_inst,
+        }
+    return out
+
+
+COLUMNS = (
+    ("pointing_game", "Pointing game"),
+    ("energy_pointing_game", "Energy PG"),
+    ("lesions_with_peak", "Lesions with a peak"),
+    ("lesions_with_energy", "Lesions with >= {share:.0%} energy"),
+    ("images_all_lesions_peaked", "Images: every lesion peaked"),
+    ("average_drop", "Avg Drop (lower better)"),
+    ("increase_in_confidence", "Incr. in Conf."),
+    ("win", "Win"),
+)
+
+
+def markdown_table(summary: dict[str, dict], energy_share: float) -> str:
+    heads = [h.format(share=energy_share) for _, h in COLUMNS]
+    lines = ["| Method | " + " | ".join(f"{h} (%)" for h in heads) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for lab, row in summary.items():
+        cells = ["-" if row[k] is None else f"{row[k]:.1f}" for k, _ in COLUMNS]
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+
+def examples_figure(images_u8, ids, maps: dict[str, np.ndarray], labels, class_names,
+                    threshold: float, window: int):
+    from jaxcam import metrics, viz
+
+    k = next(iter(maps.values())).shape[0]
+    fig = viz.method_grid(images_u8[:k], maps,
+                          row_titles=[class_names[int(c)] for c in labels[:k]],
+                          title="multi-lesion localization (green: lesions, white: local maxima)")
+    axes = np.asarray(fig.axes).reshape(k, len(maps) + 1)
+    for i in range(k):
+        for j, m in enumerate([None, *maps.values()]):
+            axes[i, j].contour(ids[i] > 0, levels=[0.5], colors="lime", linewidths=0.8)
+            if m is not None:
+                peaks = np.asarray(metrics.local_maxima(m[i:i + 1], threshold=threshold,
+                                                        window=window))[0]
+                if peaks.any():  # outline the local-maximum pixels (plateaus are regions)
+                    axes[i, j].contour(peaks, levels=[0.5], colors="white", linewidths=0.8)
+    return fig
+
+
+def metrics_figure(summary: dict[str, dict], energy_share: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = ["pointing_game", "energy_pointing_game", "lesions_with_peak", "lesions_with_energy"]
+    names = ["pointing game", "energy PG", "lesions with a peak",
+             f"lesions with >= {energy_share:.0%} energy"]
+    fig = Figure(figsize=(2.0 + 1.3 * len(summary), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(keys)
+    pos = np.arange(len(summary))
+    for i, (key, name) in enumerate(zip(keys, names, strict=True)):
+        ax.bar(pos + i * width, [row[key] for row in summary.values()], width, label=name)
+    ax.set_xticks(pos + 0.4 - width / 2, list(summary), rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config = parse_config(argv)
+    try:
+        validate(config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from jaxcam import viz
+    from jaxcam.data import synthetic
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    model, variables, prep, source = get_model(config, out)
+    print(f"model: {model.arch} ({source})", flush=True)
+    images_u8, labels, ids = eval_images(config, prep.image_size)
+    summary, arrays, extras = run_study(config, model, variables, prep, images_u8, labels, ids)
+    accuracy = float(np.mean(extras["pred"] == labels))
+
+    table = markdown_table(summary, config.energy_share)
+    header = (
+        f"# Multi-lesion localization\n\n"
+        f"{config.num_images} synthetic images with 2-4 lesions of one class "
+        f"({next(iter(summary.values()))['num_lesions']} lesions), "
+        f"{prep.image_size} px; model {model.arch} at `{extras['layer']}` "
+        f"(maps {extras['raw_shape'][0]}x{extras['raw_shape'][1]}), {source}; accuracy on "
+        f"these images {100 * accuracy:.1f}%. Explained class: {config.explain_class}. "
+        f"Pointing-game tolerance {config.tolerance:g} px; a lesion 'has a peak' when a "
+        f"{config.peak_window}x{config.peak_window} local maximum >= "
+        f"{config.peak_threshold:g} x the map's maximum lies on it. Win % compares the CAM "
+        f"methods (not the random map); drops within {WIN_TIE_TOLERANCE:g} tie and share the "
+        f"image. All numbers in %.\n\n"
+    )
+    skipped = "".join(f"\n- {k} skipped: {v}." for k, v in extras["skipped"].items())
+    command = "python -m experiments.localization " + " ".join(argv if argv is not None
+                                                               else sys.argv[1:])
+    (out / "localization.md").write_text(
+        header + table + "\n" + skipped + f"\n\nRegenerate: `{command.strip()}`\n")
+    result = {
+        "config": dataclasses.asdict(config),
+        "model": {"arch": model.arch, "layer": extras["layer"], "source": source,
+                  "map_shape": list(extras["raw_shape"]), "image_size": prep.image_size},
+        "accuracy": accuracy,
+        "methods": summary,
+        "skipped": extras["skipped"],
+        "seconds": {"explain": extras["seconds_explain"], "metrics": extras["seconds_metrics"],
+                    "total": time.perf_counter() - t_start},
+    }
+    (out / "localization.json").write_text(json.dumps(result, indent=2))
+    k = min(config.num_figures, config.num_images, config.batch_size)
+    if k > 0:
+        shown = {lab: m[:k] for lab, m in extras["maps"].items()}
+        viz.save_figure(examples_figure(images_u8, ids, shown, labels,
+                                        synthetic.DISPLAY_NAMES, config.peak_threshold,
+                                        config.peak_window),
+                        out / "localization_examples.png")
+    viz.save_figure(metrics_figure(summary, config.energy_share), out / "localization_metrics.png")
+    print(table, flush=True)
+    print(f"wrote {out / 'localization.md'}, localization.json and figures", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

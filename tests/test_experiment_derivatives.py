@@ -1,0 +1,57 @@
+"""experiments.derivatives: the statistics helpers, and the tiny configuration end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import derivatives as study
+
+
+def test_central_differences_are_exact_for_a_cubic():
+    g = lambda t: 2.0 + 3.0 * t - 1.5 * t**2 + 0.25 * t**3
+    d1, d2, d3 = study.central_differences({j: g(j * 0.1) for j in range(-3, 4)}, 0.1)
+    np.testing.assert_allclose([d1, d2, d3], [3.0, -3.0, 1.5], rtol=1e-10)
+
+
+def test_error_stats_and_map_agreement():
+    truth = np.array([[1.0, -2.0, 4.0, 0.5]])
+    got = truth + np.array([[0.0, 0.0, 0.4, 0.0]])
+    s = study.error_stats(got, truth)
+    assert s["max"] == pytest.approx(0.1) and s["median"] == 0.0
+    # an all-zero truth is compared in absolute terms
+    assert study.error_stats(np.full((1, 3), 0.5), np.zeros((1, 3)))["max"] == 0.5
+    a = np.random.default_rng(0).random((2, 10, 10))
+    same = study.map_agreement(a, a)
+    assert same == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0),
+                    "iou_top20": 1.0, "max_abs_diff": 0.0}
+    flipped = study.map_agreement(a, 1.0 - a)
+    assert flipped["pearson"] == pytest.approx(-1.0) and flipped["iou_top20"] == 0.0
+
+
+def test_tiny_configuration_end_to_end(tmp_path):
+    """ResNet-50 layer4 (piecewise-linear head): exp through it must come out exact ==
+    closed form, and factored == taylor, at float32 precision."""
+    study.main(["--tiny", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    (layer,) = results["models"]
+    assert layer["arch"] == "resnet50" and layer["certified"] is True
+    exp = layer["targets"]["exp"]
+    for engine in ("factored", "closed_form"):
+        for quantity in ("D2", "D3", "alpha"):
+            assert exp["errors"][engine][quantity]["max"] < 1e-4
+    assert exp["maps"]["exact_vs_closed_form"]["max_abs_diff"] < 1e-4
+    softmax = layer["targets"]["softmax"]
+    assert softmax["errors"]["factored"]["D2"]["max"] < 1e-3
+    assert softmax["errors"]["nested_sum"]["D2"]["max"] > 1e-2  # the row-sum shortcut is off
+    for n in (1, 2, 3):
+        assert exp["finite_differences"][f"D{n}"]["max"] < 1e-4
+    report = (tmp_path / "report.md").read_text()
+    assert "| resnet50 | layer4 | exp | closed_form |" in report
+
+
+def test_bad_options_exit_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="--coords must be >= 1"):
+        study.parse_args(["--coords", "0"])
+    with pytest.raises(SystemExit, match="no such file"):
+        study.parse_args(["--checkpoint", str(tmp_path / "missing")])
