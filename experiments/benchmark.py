@@ -1,0 +1,1313 @@
+"""Benchmark jaxcam: forward passes, every CAM method, the derivative engines, metrics, scaling.
+
+Run ``python -m experiments.benchmark`` (everything, long on a small CPU) or
+pieces of it::
+
+    python -m experiments.benchmark --only forward,methods,torch --archs resnet50 --batch-sizes 8
+    python -m experiments.benchmark --only engine
+    python -m experiments.benchmark --smoke            # tiny configuration (the test suite runs it)
+
+Sections (``--only``):
+
+- ``forward``: eval-mode ``model.apply`` under ``jax.jit`` (the floor of Grad-CAM).
+- ``methods``: ``jaxcam.explain`` for every method, plus all gradient methods in
+  one call (they share one forward pass and one set of derivatives).
+- ``torch``: the same methods from pytorch-grad-cam, and torchvision's forward,
+  on the *same* weights (a torchvision model with random weights, converted
+  with ``jaxcam.weights.load_torchvision``), same inputs, same thread count.
+  Skipped with a note when torch, torchvision or grad-cam is not installed.
+- ``engine``: the derivative engines alone (``taylor`` seconds per image on the
+  default layer, ``factored``, the certificate) and, on ResNet-50, Grad-CAM++
+  (closed form; exact via ``factored``, at 1000 and at 7 classes) as ratios
+  to Grad-CAM.
+- ``metrics``: throughput of every metric in ``jaxcam.metrics`` on ResNet-50.
+- ``scaling``: Grad-CAM and the forward pass on a batch sharded over 1 and
+  over N forced host devices (``--xla_force_host_platform_device_count``),
+  each in a fresh subprocess. On a CPU the forced devices share the same
+  cores, so this shows the overhead of sharding, not a speed-up.
+
+What is measured, per cell:
+
+- ``first_call_s``: the first call, tracing + compilation + one run.
+- ``compile_s``: the seconds JAX itself reports for tracing and XLA
+  compilation during the first call (``jax.monitoring`` events
+  ``/jax/core/compile/jaxpr_trace_duration`` and ``.../backend_compile_duration``).
+- ``step_s``: median wall time of the following calls (at most ``--repeats``,
+  fewer once ``--max-seconds`` of steady-state time is spent), waiting for the
+  result (``block_until_ready``); ``images_per_s = batch / step_s``. When the
+  first call alone, less its compile time, exceeds 3 x ``--max-seconds``
+  (Score-CAM at 224 px on a CPU), that one run is the measurement
+  (``step_from_first_call: true``).
+- ``recompiles``: compilations during those repeated calls (should be 0).
+- ``host_peak_mb``: peak resident set size of this process during the cell
+  (psutil RSS sampled every 5 ms by a background thread) minus the RSS when
+  the cell started, i.e. the extra host memory the cell needed. (``ru_maxrss``
+  is a lifetime maximum, so its deltas hide everything below an earlier peak;
+  it is recorded once, as ``ru_maxrss_mb``, for reference.)
+- ``device_peak_mb``: on GPU/TPU, ``peak_bytes_in_use`` from
+  ``device.memory_stats()`` (a lifetime peak, as JAX cannot reset it); absent on CPU.
+
+Results are appended to the JSON file ``--out`` after every cell; an
+interrupted run started again with the same ``--out`` skips the cells already
+measured (``--no-resume`` measures everything again). A markdown table of all
+results in the file is printed and written next to it (``.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling")
+ARCHS = ("resnet50", "vgg19", "efficientnet_b0")
+
+# benchmark label -> (jaxcam method name, extra keyword arguments of jaxcam.explain)
+METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cam": ("cam", {}),
+    "gradcam": ("gradcam", {}),
+    "gradcam++_closed": ("gradcam++", {"derivatives": "closed_form"}),
+    "gradcam++_exact": ("gradcam++", {"derivatives": "exact"}),
+    "xgradcam": ("xgradcam", {}),
+    "hirescam": ("hirescam", {}),
+    "layercam": ("layercam", {}),
+    "scorecam": ("scorecam", {}),
+    "shapleycam": ("shapleycam", {}),
+}
+# The gradient methods that one explain call can compute together.
+SHARED_CALL = ("gradcam", "gradcam++_exact", "xgradcam", "hirescam", "layercam")
+SHARED_LABEL = "gradient methods, one call"
+
+# benchmark label -> pytorch-grad-cam class (only closed-form Grad-CAM++ exists there)
+TORCH_METHODS = {
+    "gradcam": "GradCAM",
+    "gradcam++_closed": "GradCAMPlusPlus",
+    "gradcam++_exact": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+    "shapleycam": "ShapleyCAM",
+}
+
+# Keys that identify a cell; a resumed run skips a cell whose key is in the file.
+KEY_FIELDS = ("section", "impl", "arch", "image_size", "batch", "method", "num_classes", "devices")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """What to measure. Defaults: the full benchmark of issue 10 (hours on a 2-core CPU)."""
+
+    only: tuple[str, ...] = SECTIONS
+    archs: tuple[str, ...] = ARCHS
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    image_size: int = 224
+    methods: tuple[str, ...] = tuple(METHOD_SPECS)
+    num_classes: int = 1000
+    repeats: int = 5
+    max_seconds: float = 20.0
+    engine_batch: int = 8
+    engine_num_classes: tuple[int, ...] = (1000, 7)
+    taylor_chunk_size: int | None = None
+    metrics_batch: int = 8
+    metric_names: tuple[str, ...] = ()  # empty: every metric
+    scaling_devices: tuple[int, ...] = (1, 4)
+    scaling_arch: str = "resnet50"
+    scaling_batch: int = 8
+    threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    out: str = "results/benchmark.json"
+    resume: bool = True
+    seed: int = 0
+
+    @classmethod
+    def smoke(cls, out: str) -> BenchmarkConfig:
+        """A configuration small enough for the test suite (about a minute on 2 cores)."""
+        return cls(
+            only=("forward", "methods", "torch", "engine"),
+            archs=("resnet50",),
+            batch_sizes=(2,),
+            image_size=64,
+            methods=("gradcam", "gradcam++_exact"),
+            num_classes=10,
+            repeats=2,
+            max_seconds=5.0,
+            engine_batch=2,
+            engine_num_classes=(10,),
+            out=out,
+        )
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class CompileCounter:
+    """Count XLA compilations and sum JAX's own trace + compile durations while active.
+
+    Uses ``jax.monitoring`` duration events, which JAX records once per jaxpr
+    trace and once per backend (XLA) compilation; a call served from JAX's
+    caches records neither.
+    """
+
+    TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+    COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.traces = 0
+        self.compile_seconds = 0.0
+        self.trace_seconds = 0.0
+
+    def _listener(self, event: str, duration_secs: float, **kwargs: Any) -> None:
+        if event == self.COMPILE_EVENT:
+            self.compiles += 1
+            self.compile_seconds += duration_secs
+        elif event == self.TRACE_EVENT:
+            self.traces += 1
+            self.trace_seconds += duration_secs
+
+    def __enter__(self) -> CompileCounter:
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import jax.monitoring
+
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+class PeakRSS:
+    """Peak resident set size of this process while active, sampled by a thread."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self._interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _block(out: Any) -> Any:
+    """Wait for every array in ``out``: pytrees, and dataclasses / dicts that hold arrays."""
+    import jax
+
+    def arrays(obj: Any) -> list[Any]:
+        if isinstance(obj, jax.Array):
+            return [obj]
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return [a for f in dataclasses.fields(obj) for a in arrays(getattr(obj, f.name))]
+        if isinstance(obj, dict):
+            return [a for v in obj.values() for a in arrays(v)]
+        if isinstance(obj, (list, tuple)):  # NamedTuples included
+            return [a for v in obj for a in arrays(v)]
+        return []
+
+    jax.block_until_ready(arrays(out))
+    return out
+
+
+def _device_peak_mb() -> float | None:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def measure(
+    fn: Callable[[], Any],
+    *,
+    repeats: int,
+    max_seconds: float,
+    sync: Callable[[Any], Any] = _block,
+    track_compiles: bool = True,
+) -> dict[str, Any]:
+    """Time ``fn()``: the first call, then up to ``repeats`` more (see the module docstring)."""
+    first_counter = CompileCounter()
+    steady_counter = CompileCounter()
+    steady: list[float] = []
+    estimated = False
+    with PeakRSS() as rss:
+        with first_counter if track_compiles else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            sync(fn())
+            first = time.perf_counter() - t0
+        compile_s = first_counter.compile_seconds + first_counter.trace_seconds
+        if first - compile_s > 3 * max_seconds > 0:
+            # A very slow cell (Score-CAM at 224 px, taylor on a CPU): one run is
+            # the measurement; its time is the first call minus JAX's compile time.
+            steady.append(first - compile_s)
+            estimated = True
+        with steady_counter if track_compiles else contextlib.nullcontext():
+            for _ in range(0 if estimated else max(1, repeats)):
+                t0 = time.perf_counter()
+                sync(fn())
+                steady.append(time.perf_counter() - t0)
+                if sum(steady) >= max_seconds:
+                    break
+    result: dict[str, Any] = {
+        "first_call_s": first,
+        "step_s": statistics.median(steady),
+        "step_min_s": min(steady),
+        "repeats": len(steady),
+        "host_peak_mb": rss.delta_mb,
+    }
+    if estimated:
+        result["step_from_first_call"] = True
+    if track_compiles:
+        result["compile_s"] = compile_s
+        result["compiles"] = first_counter.compiles
+        result["recompiles"] = steady_counter.compiles
+    device_peak = _device_peak_mb()
+    if device_peak is not None:
+        result["device_peak_mb"] = device_peak
+    return result
+
+
+# --------------------------------------------------------------------------- results file
+
+
+def _key(record: dict[str, Any]) -> str:
+    return json.dumps([record.get(k) for k in KEY_FIELDS])
+
+
+class ResultStore:
+    """Records in a JSON file, rewritten atomically after each new record (resumable)."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {}
+        if resume and self.path.exists():
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or "records" not in data:
+                raise ValueError(
+                    f"{self.path} is not a benchmark results file (no 'records'); "
+                    "choose another --out or pass --no-resume to overwrite it."
+                )
+            self.records = list(data["records"])
+            self.meta = dict(data.get("meta", {}))
+        self._keys = {_key(r) for r in self.records}
+
+    def has(self, **key: Any) -> bool:
+        return _key(key) in self._keys
+
+    def get(self, **key: Any) -> dict[str, Any] | None:
+        k = _key(key)
+        for record in self.records:
+            if _key(record) == k:
+                return record
+        return None
+
+    def add(self, record: dict[str, Any]) -> None:
+        k = _key(record)
+        self.records = [r for r in self.records if _key(r) != k] + [record]
+        self._keys.add(k)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def _environment(config: BenchmarkConfig) -> dict[str, Any]:
+    import jax
+
+    env = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.local_devices()],
+        "device_kind": jax.local_devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "threads": config.threads,
+    }
+    with contextlib.suppress(ImportError):
+        import torch
+
+        env["torch"] = torch.__version__
+    with contextlib.suppress(Exception):
+        import importlib.metadata
+
+        env["grad-cam"] = importlib.metadata.version("grad-cam")
+    return env
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+def torch_available() -> tuple[bool, str]:
+    """Whether the PyTorch comparison can run, and a note saying why not."""
+    missing = [
+        name
+        for name, module in (
+            ("torch", "torch"),
+            ("torchvision", "torchvision"),
+            ("grad-cam", "pytorch_grad_cam"),
+        )
+        if importlib.util.find_spec(module) is None
+    ]
+    if missing:
+        return False, (
+            f"PyTorch comparison skipped: {', '.join(missing)} not installed "
+            "(pip install 'jaxcam[bench]' adds torch, torchvision and grad-cam)."
+        )
+    return True, ""
+
+
+class Workbench:
+    """Models, weights and inputs shared by the sections, built once per (arch, classes)."""
+
+    def __init__(self, config: BenchmarkConfig) -> None:
+        self.config = config
+        self.use_torch, self.torch_note = torch_available()
+        self._models: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
+        # (arch, batch, method label) -> jaxcam maps of the methods section's last call
+        self.maps: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def model(self, arch: str, num_classes: int) -> tuple[Any, Any, Any]:
+        """``(jaxcam model, variables, torch model or None)`` with the same weights.
+
+        With torch installed: a torchvision model with random weights (its own
+        initialisers), converted with ``jaxcam.weights.load_torchvision``, so
+        both libraries run exactly the same network. Without: ``model.init``.
+        """
+        key = (arch, num_classes)
+        if key not in self._models:
+            import jax
+
+            import jaxcam
+
+            torch_model = None
+            if self.use_torch:
+                import torch
+                import torchvision
+
+                torch.manual_seed(self.config.seed)
+                torch_model = getattr(torchvision.models, arch)(
+                    weights=None, num_classes=num_classes
+                ).eval()
+                for p in torch_model.parameters():
+                    p.requires_grad_(True)
+                model, variables = jaxcam.weights.load_torchvision(
+                    torch_model.state_dict(), arch
+                )
+            else:
+                model = jaxcam.models.get(arch, num_classes)
+                variables = model.init(
+                    jax.random.key(self.config.seed), image_size=self.config.image_size
+                )
+            self._models = {k: v for k, v in self._models.items() if k[0] == arch}
+            self._models[key] = (model, variables, torch_model)
+        return self._models[key]
+
+    def images(self, batch: int) -> np.ndarray:
+        """Normalised-looking float32 images ``(B, S, S, 3)``, the same for every run."""
+        rng = np.random.default_rng(self.config.seed)
+        s = self.config.image_size
+        return rng.standard_normal((batch, s, s, 3), dtype=np.float32)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 100:
+            return f"{x:.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def _progress(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _cell(store: ResultStore, key: dict[str, Any], run: Callable[[], dict[str, Any]]) -> None:
+    """Measure one cell unless the store has it; record errors instead of stopping."""
+    label = " ".join(f"{k}={v}" for k, v in key.items() if v is not None)
+    if store.has(**key):
+        _progress(f"  skip (already measured): {label}")
+        return
+    _progress(f"  measuring {label} ...")
+    t0 = time.perf_counter()
+    try:
+        result = run()
+    except Exception as err:  # a broken cell must not lose the rest of a long run
+        result = {"error": f"{type(err).__name__}: {err}"[:500]}
+        _progress(f"    ERROR {result['error']}")
+    record = {**{k: key.get(k) for k in KEY_FIELDS}, **result}
+    store.add(record)
+    if "images_per_s" in record:
+        _progress(
+            f"    {record['images_per_s']:.3g} images/s, step {record['step_s']:.3g} s, "
+            f"first call {record.get('first_call_s', float('nan')):.3g} s "
+            f"({time.perf_counter() - t0:.0f} s for the cell)"
+        )
+
+
+def _with_throughput(result: dict[str, Any], batch: int) -> dict[str, Any]:
+    result["images_per_s"] = batch / result["step_s"]
+    return result
+
+
+def section_forward(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    import jax
+
+    _progress("[forward] eval-mode model.apply under jax.jit")
+    for arch in config.archs:
+        for batch in config.batch_sizes:
+            key = dict(
+                section="forward", impl="jaxcam", arch=arch, image_size=config.image_size,
+                batch=batch, method="apply", num_classes=config.num_classes, devices=1,
+            )
+
+            def run(arch=arch, batch=batch):
+                model, variables, _ = bench.model(arch, config.num_classes)
+                x = jax.device_put(bench.images(batch))
+                apply = jax.jit(model.apply)
+                return _with_throughput(
+                    measure(lambda: apply(variables, x), repeats=config.repeats,
+                            max_seconds=config.max_seconds),
+                    batch,
+                )
+
+            _cell(store, key, run)
+
+
+# Score-CAM: masked images scored per vectorised chunk (channels per chunk x batch),
+# so that the chunk's memory does not grow with the batch size.
+SCORECAM_IMAGES_PER_CHUNK = 64
+
+
+def scorecam_chunk(batch: int) -> int:
+    """``scorecam_batch_size`` (channels per chunk) for a batch of ``batch`` images."""
+    return max(1, SCORECAM_IMAGES_PER_CHUNK // batch)
+
+
+def _explain_call(model, variables, x, labels: Sequence[str], **extra: Any) -> Callable[[], Any]:
+    import jaxcam
+
+    if len(labels) == 1:
+        method, kwargs = METHOD_SPECS[labels[0]]
+        if method == "scorecam":
+            kwargs = dict(kwargs, scorecam_batch_size=scorecam_chunk(x.shape[0]))
+        return lambda: jaxcam.explain(model, variables, x, method=method, **kwargs, **extra)
+    methods = [METHOD_SPECS[label][0] for label in labels]
+    return lambda: jaxcam.explain(model, variables, x, method=methods, **extra)
+
+
+def _applies(model, variables, label: str) -> str | None:
+    """None when the method applies to the model; otherwise the reason it does not."""
+    head = model.linear_head(variables, model.default_layer)
+    if METHOD_SPECS[label][0] == "cam" and head is None:
+        return f"CAM needs a GAP + dense head; {model.arch} at {model.default_layer} has none"
+    return None
+
+
+def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    import jax
+
+    _progress("[methods] jaxcam.explain, maps upsampled to the input and normalised")
+    labels = [m for m in config.methods if m in METHOD_SPECS]
+    shared = [m for m in SHARED_CALL if m in labels]
+    for arch in config.archs:
+        for batch in config.batch_sizes:
+            cells = [(label, (label,)) for label in labels]
+            if len(shared) > 1:
+                cells.append((SHARED_LABEL, tuple(shared)))
+            for name, group in cells:
+                key = dict(
+                    section="methods", impl="jaxcam", arch=arch, image_size=config.image_size,
+                    batch=batch, method=name, num_classes=config.num_classes, devices=1,
+                )
+
+                def run(arch=arch, batch=batch, group=group):
+                    model, variables, _ = bench.model(arch, config.num_classes)
+                    reason = _applies(model, variables, group[0])
+                    if reason:
+                        return {"skipped": reason}
+                    x = jax.device_put(bench.images(batch))
+                    call = _explain_call(model, variables, x, group)
+                    last = {}
+
+                    def explain_and_keep():
+                        last["out"] = call()
+                        return last["out"]
+
+                    result = measure(explain_and_keep, repeats=config.repeats,
+                                     max_seconds=config.max_seconds)
+                    if len(group) == 1:  # kept for the torch section's agreement check
+                        bench.maps[(arch, batch, group[0])] = np.asarray(last["out"].maps)
+                    if len(group) > 1:
+                        result["methods"] = list(group)
+                    if group == ("scorecam",):
+                        result["scorecam_batch_size"] = scorecam_chunk(batch)
+                    return _with_throughput(result, batch)
+
+                _cell(store, key, run)
+
+
+def _torch_layer(torch_model, arch: str, layer: str):
+    """The torchvision module whose output is jaxcam's cut point ``layer``."""
+    module = torch_model
+    for part in layer.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    if not bench.use_torch:
+        _progress(f"[torch] {bench.torch_note}")
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")  # ScoreCAM's per-chunk progress bars
+    import torch
+
+    torch.set_num_threads(config.threads)
+    import pytorch_grad_cam
+
+    _progress(
+        f"[torch] torchvision forward and pytorch-grad-cam on the same weights "
+        f"({torch.get_num_threads()} threads)"
+    )
+    for arch in config.archs:
+        for batch in config.batch_sizes:
+            key = dict(
+                section="torch", impl="torch", arch=arch, image_size=config.image_size,
+                batch=batch, method="apply", num_classes=config.num_classes, devices=1,
+            )
+
+            def run_forward(arch=arch, batch=batch):
+                _, _, torch_model = bench.model(arch, config.num_classes)
+                x = torch.from_numpy(bench.images(batch).transpose(0, 3, 1, 2).copy())
+
+                def forward():
+                    with torch.no_grad():
+                        return torch_model(x)
+
+                return _with_throughput(
+                    measure(forward, repeats=config.repeats, max_seconds=config.max_seconds,
+                            sync=lambda out: out, track_compiles=False),
+                    batch,
+                )
+
+            _cell(store, key, run_forward)
+            done: dict[str, str] = {}
+            for label in config.methods:
+                cls_name = TORCH_METHODS.get(label)
+                if cls_name is None:
+                    continue
+                key = dict(key, section="torch", impl="pytorch-grad-cam", method=label)
+
+                def run(arch=arch, batch=batch, label=label, cls_name=cls_name, key=key,
+                        done=done):
+                    # Grad-CAM++ closed and "exact" map to the same pytorch-grad-cam
+                    # class: measure it once, copy the numbers.
+                    if cls_name in done:
+                        prev = store.get(**dict(key, method=done[cls_name]))
+                        if prev and "step_s" in prev:
+                            return {k: v for k, v in prev.items() if k not in KEY_FIELDS}
+                    model, variables, torch_model = bench.model(arch, config.num_classes)
+                    layer = model.resolve_layer(model.default_layer)
+                    if cls_name == "ScoreCAM":
+                        too_big = _pgc_scorecam_too_big(model, variables, batch,
+                                                        config.image_size)
+                        if too_big:
+                            return {"skipped": too_big}
+                    cam = getattr(pytorch_grad_cam, cls_name)(
+                        model=torch_model, target_layers=[_torch_layer(torch_model, arch, layer)]
+                    )
+                    images = bench.images(batch)
+                    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+                    last = {}
+
+                    def cam_and_keep():
+                        last["out"] = cam(input_tensor=x, targets=None)
+                        return last["out"]
+
+                    result = measure(cam_and_keep, repeats=config.repeats,
+                                     max_seconds=config.max_seconds,
+                                     sync=lambda out: out, track_compiles=False)
+                    ours = bench.maps.get((arch, batch, label))
+                    result["agreement"] = _agreement(model, variables, images, label,
+                                                     last["out"], ours)
+                    result["torch_class"] = cls_name
+                    return _with_throughput(result, batch)
+
+                _cell(store, key, run)
+                done.setdefault(cls_name, label)
+
+
+def _pgc_scorecam_too_big(model, variables, batch: int, size: int) -> str | None:
+    """pytorch-grad-cam's ScoreCAM materialises every masked input at once
+    (``B x K x 3 x H x W`` float32, plus the ``B x K x H x W`` masks); refuse
+    cells that would need more than half the available memory."""
+    import jax
+    import psutil
+
+    k = jax.eval_shape(lambda v, x: model.features(v, x), variables,
+                       jax.ShapeDtypeStruct((1, size, size, 3), np.float32)).shape[-1]
+    need = batch * k * 4 * size * size * 4
+    available = psutil.virtual_memory().available
+    if need > available / 2:
+        return (f"pytorch-grad-cam ScoreCAM would materialise {need / 2**30:.1f} GiB of masked "
+                f"inputs ({available / 2**30:.1f} GiB available)")
+    return None
+
+
+def _agreement(model, variables, images: np.ndarray, label: str, torch_maps: np.ndarray,
+               ours: np.ndarray | None = None) -> dict:
+    """How close jaxcam's maps are to pytorch-grad-cam's on the same weights and inputs.
+
+    Reported, not asserted: Grad-CAM, XGrad-CAM, HiResCAM, LayerCAM and
+    closed-form Grad-CAM++ should match to float32 rounding; exact Grad-CAM++
+    and Score-CAM differ by design (true derivatives; normalisation details).
+    """
+    import jaxcam
+
+    if ours is None:  # the methods section did not run in this process: compute them
+        method, kwargs = METHOD_SPECS[label]
+        if method == "scorecam":
+            kwargs = dict(kwargs, scorecam_batch_size=scorecam_chunk(images.shape[0]))
+        ours = jaxcam.explain(model, variables, images, method=method, **kwargs).maps
+    ours = np.asarray(ours, dtype=np.float64)
+    theirs = np.asarray(torch_maps, dtype=np.float64)
+    if ours.shape != theirs.shape:
+        return {"note": f"shapes differ: {ours.shape} vs {theirs.shape}"}
+    corr = [
+        float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+        if a.std() > 0 and b.std() > 0 else float("nan")
+        for a, b in zip(ours, theirs, strict=True)
+    ]
+    finite = [c for c in corr if math.isfinite(c)]
+    return {"max_abs_diff": float(np.abs(ours - theirs).max()),
+            "min_pearson": min(finite) if finite else None}
+
+
+def _certificate_fn():
+    """The certificate of the factored engine, found by name in jaxcam.derivatives."""
+    import jaxcam.derivatives as d
+
+    for name in ("certify_piecewise_linear", "certificate", "is_piecewise_linear",
+                 "piecewise_linear_certificate", "certify"):
+        if callable(getattr(d, name, None)):
+            return name, getattr(d, name)
+    return None, None
+
+
+def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxcam
+
+    _progress("[engine] derivative engines alone, and Grad-CAM++ as a ratio to Grad-CAM")
+    arch = "resnet50" if "resnet50" in config.archs else config.archs[0]
+    batch = config.engine_batch
+    c_main = config.engine_num_classes[0]
+
+    prepared: dict[tuple[int, int], Any] = {}
+
+    def setup(num_classes: int, b: int):
+        if (num_classes, b) in prepared:
+            return prepared[(num_classes, b)]
+        model, variables, _ = bench.model(arch, num_classes)
+        layer = model.default_layer
+        x = jax.device_put(bench.images(b))
+        A = jax.jit(lambda v, x: model.features(v, x, layer=layer))(variables, x)
+        cls = jnp.argmax(jax.jit(model.apply)(variables, x), axis=-1)
+
+        def f(A):  # exp target of the explained class, one scalar per image
+            S = model.head(variables, A, layer=layer)
+            return jnp.exp(jnp.take_along_axis(S, cls[:, None], axis=-1)[:, 0])
+
+        prepared[(num_classes, b)] = (model, variables, x, A, f, cls)
+        return prepared[(num_classes, b)]
+
+    base = dict(section="engine", impl="jaxcam", arch=arch, image_size=config.image_size,
+                num_classes=c_main, devices=1)
+
+    def run_taylor():
+        _, _, _, A, f, _ = setup(c_main, 1)
+        chunk = config.taylor_chunk_size
+        kwargs = {} if chunk is None else {"chunk_size": chunk}
+        dd = jax.jit(lambda A: jaxcam.diagonal_derivatives(f, A, method="taylor", **kwargs))
+        result = measure(lambda: dd(A), repeats=1, max_seconds=config.max_seconds)
+        result["coordinates_per_image"] = int(np.prod(A.shape[1:]))
+        result["chunk_size"] = config.taylor_chunk_size
+        result["seconds_per_image"] = result["step_s"]
+        return _with_throughput(result, 1)
+
+    _cell(store, dict(base, batch=1, method="taylor"), run_taylor)
+
+    def run_factored():
+        model, variables, x, A, _, cls = setup(c_main, batch)
+        layer = model.default_layer
+        head = lambda A: model.head(variables, A, layer=layer)
+        dd = jax.jit(lambda A: jaxcam.diagonal_derivatives(
+            None, A, method="factored", head=head, target="exp", class_idx=cls, certified=True))
+        return _with_throughput(
+            measure(lambda: dd(A), repeats=config.repeats, max_seconds=config.max_seconds), batch
+        )
+
+    _cell(store, dict(base, batch=batch, method="factored"), run_factored)
+
+    def run_certificate():
+        name, certify = _certificate_fn()
+        if certify is None:
+            return {"skipped": "no certificate function found in jaxcam.derivatives"}
+        model, variables, _, A, _, _ = setup(c_main, batch)
+        layer = model.default_layer
+        head = lambda A: model.head(variables, A, layer=layer)
+        result = measure(lambda: certify(head, A), repeats=config.repeats,
+                         max_seconds=config.max_seconds)
+        result["function"] = f"jaxcam.derivatives.{name}"
+        return _with_throughput(result, batch)
+
+    _cell(store, dict(base, batch=batch, method="certificate"), run_certificate)
+
+    labels = ("apply", "gradcam", "gradcam++_closed", "gradcam++_exact")
+    for num_classes in config.engine_num_classes:
+        keys = {label: dict(base, section="engine_ratio", batch=batch, method=label,
+                            num_classes=num_classes) for label in labels}
+        if all(store.has(**k) for k in keys.values()):
+            _progress(f"  skip (already measured): ratios at {num_classes} classes")
+            continue
+        _progress(f"  measuring Grad-CAM++ / Grad-CAM / forward, interleaved, "
+                  f"{num_classes} classes, batch {batch} ...")
+        try:
+            model, variables, x, _, _, _ = setup(num_classes, batch)
+            apply = jax.jit(model.apply)
+            calls = {"apply": lambda apply=apply, v=variables, x=x: apply(v, x)}
+            for label in labels[1:]:
+                calls[label] = _explain_call(model, variables, x, (label,))
+            results = measure_interleaved(calls, reference="gradcam",
+                                          rounds=max(3, config.repeats),
+                                          max_seconds=config.max_seconds)
+        except Exception as err:  # keep the rest of a long run
+            results = {label: {"error": f"{type(err).__name__}: {err}"[:500]}
+                       for label in labels}
+        for label in labels:
+            record = {**keys[label], **results[label]}
+            if "step_s" in record:
+                _with_throughput(record, batch)
+            store.add(record)
+            if "ratio_to_reference" in record:
+                _progress(f"    {label}: {record['step_s']:.3g} s/batch, "
+                          f"{record['ratio_to_reference']:.3g}x Grad-CAM")
+
+
+def measure_interleaved(
+    calls: dict[str, Callable[[], Any]], *, reference: str, rounds: int, max_seconds: float
+) -> dict[str, dict[str, Any]]:
+    """Time several calls in alternation: round r runs each call once, in order.
+
+    On a busy machine the load drifts between cells measured minutes apart;
+    alternating the calls exposes them to the same load, and the ratio of each
+    call to ``reference`` is taken per round (``ratio_to_reference``: the median
+    over rounds), so the ratios survive contention much better than the times.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for label, fn in calls.items():  # compile everything first
+        with CompileCounter() as counter:
+            t0 = time.perf_counter()
+            _block(fn())
+            out[label] = {"first_call_s": time.perf_counter() - t0,
+                          "compile_s": counter.compile_seconds + counter.trace_seconds,
+                          "compiles": counter.compiles}
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    with CompileCounter() as steady:
+        spent = 0.0
+        for _ in range(rounds):
+            for label, fn in calls.items():
+                t0 = time.perf_counter()
+                _block(fn())
+                times[label].append(time.perf_counter() - t0)
+                spent += times[label][-1]
+            if spent >= max_seconds * len(calls):
+                break
+    for label in calls:
+        ratios = [t / r for t, r in zip(times[label], times[reference], strict=True)]
+        out[label].update(
+            step_s=statistics.median(times[label]), step_min_s=min(times[label]),
+            repeats=len(times[label]), ratio_to_reference=statistics.median(ratios),
+            reference=reference, interleaved=True, recompiles=steady.compiles,
+            host_peak_mb=0.0,
+        )
+    return out
+
+
+def _metric_calls(model, variables, x, maps, maps_b) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per metric of ``jaxcam.metrics``, with its defaults.
+
+    ``maps`` are Grad-CAM maps, ``maps_b`` Grad-CAM++ maps (for the agreement
+    metrics); masks for localization are the top half of ``maps_b``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import jaxcam.metrics as m
+
+    score_fn = lambda images: jax.nn.softmax(model.apply(variables, images), axis=-1)
+    class_idx = jnp.argmax(model.apply(variables, x), axis=-1)
+    masks = maps_b > 0.5
+    explain_fn = lambda v, images: jaxcam_explain()(model, v, images, method="gradcam",
+                                                  class_idx=class_idx)
+    return {
+        "average_drop": lambda: m.average_drop(score_fn, x, maps, class_idx),
+        "increase_in_confidence": lambda: m.increase_in_confidence(score_fn, x, maps, class_idx),
+        "deletion": lambda: m.deletion(score_fn, x, maps, class_idx),
+        "insertion": lambda: m.insertion(score_fn, x, maps, class_idx),
+        "road": lambda: m.road(score_fn, x, maps, class_idx, rng=jax.random.key(0)),
+        "pointing_game": lambda: m.pointing_game(maps, masks),
+        "energy_pointing_game": lambda: m.energy_pointing_game(maps, masks),
+        "spearman": lambda: m.spearman(maps, maps_b),
+        "ssim": lambda: m.ssim(maps, maps_b),
+        "top_k_iou": lambda: m.top_k_iou(maps, maps_b),
+        "cascading_randomization": lambda: m.cascading_randomization(
+            model, variables, x, explain_fn, rng=jax.random.key(1)),
+    }
+
+
+def jaxcam_explain():
+    import jaxcam
+
+    return jaxcam.explain
+
+
+def section_metrics(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    import jax
+
+    import jaxcam
+
+    _progress("[metrics] jaxcam.metrics throughput on ResNet-50")
+    arch = "resnet50"
+    batch = config.metrics_batch
+    model, variables, _ = bench.model(arch, config.num_classes)
+    x = jax.device_put(bench.images(batch))
+    exs = jaxcam.explain(model, variables, x, method=["gradcam", "gradcam++"])
+    calls = _metric_calls(model, variables, x, exs["gradcam"].maps, exs["gradcam++"].maps)
+    for name, call in calls.items():
+        if config.metric_names and name not in config.metric_names:
+            continue
+        key = dict(section="metrics", impl="jaxcam", arch=arch, image_size=config.image_size,
+                   batch=batch, method=name, num_classes=config.num_classes, devices=1)
+        _cell(store, key, lambda call=call: _with_throughput(
+            measure(call, repeats=config.repeats, max_seconds=config.max_seconds), batch))
+
+
+SCALING_WORKER = r"""
+import json, sys, time
+import jax, numpy as np
+import jaxcam
+from jaxcam import distributed
+from experiments.benchmark import measure
+arch, image_size, batch, num_classes, repeats, max_seconds = sys.argv[1:7]
+image_size, batch, num_classes, repeats = map(int, (image_size, batch, num_classes, repeats))
+model = jaxcam.models.get(arch, num_classes)
+variables = model.init(jax.random.key(0), image_size=image_size)
+mesh = distributed.data_mesh()
+variables = distributed.replicate(variables, mesh)
+x = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+x = distributed.shard_batch(x, mesh)
+apply = jax.jit(model.apply)
+max_seconds = float(max_seconds)
+out = {"devices": len(jax.devices()),
+       "forward": measure(lambda: apply(variables, x), repeats=repeats, max_seconds=max_seconds),
+       "gradcam": measure(lambda: jaxcam.explain(model, variables, x, method="gradcam"),
+                          repeats=repeats, max_seconds=max_seconds)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def section_scaling(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    _progress(
+        "[scaling] batch sharded over forced host devices, one fresh process each "
+        "(forced CPU devices share the same cores)"
+    )
+    root = str(Path(__file__).resolve().parent.parent)
+    for devices in config.scaling_devices:
+        base = dict(section="scaling", impl="jaxcam", arch=config.scaling_arch,
+                    image_size=config.image_size, batch=config.scaling_batch,
+                    num_classes=config.num_classes, devices=devices)
+        if store.has(**base, method="apply") and store.has(**base, method="gradcam"):
+            _progress(f"  skip (already measured): devices={devices}")
+            continue
+        _progress(f"  measuring devices={devices} ...")
+        env = dict(os.environ)
+        flags = env.get("XLA_FLAGS", "").split()
+        flags = [f for f in flags if "xla_force_host_platform_device_count" not in f]
+        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run(
+            [sys.executable, "-c", SCALING_WORKER, config.scaling_arch, str(config.image_size),
+             str(config.scaling_batch), str(config.num_classes), str(config.repeats),
+             str(config.max_seconds)],
+            capture_output=True, text=True, env=env, cwd=root,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            error = {"error": f"worker failed ({proc.returncode}): {proc.stderr[-400:]}"}
+            for method in ("apply", "gradcam"):
+                store.add({**base, "method": method, **error})
+            _progress(f"    ERROR {error['error']}")
+            continue
+        out = json.loads(lines[-1][len("RESULT "):])
+        for method, name in (("apply", "forward"), ("gradcam", "gradcam")):
+            record = {**base, "method": method, "devices_seen": out["devices"], **out[name]}
+            store.add(_with_throughput(record, config.scaling_batch))
+            _progress(f"    {method}: {record['images_per_s']:.3g} images/s")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ok(r: dict | None) -> bool:
+    return bool(r) and "step_s" in r
+
+
+def render_markdown(store: ResultStore) -> str:
+    """Markdown tables of every record in the store, one per section, plus the goals."""
+    recs = store.records
+    out: list[str] = []
+    meta = store.meta.get("environment", {})
+    if meta:
+        out.append(
+            f"Environment: {meta.get('backend')} ({meta.get('device_kind')}), "
+            f"{meta.get('cpu_count')} CPU cores, jax {meta.get('jax')}, "
+            f"torch {meta.get('torch', '-')}, grad-cam {meta.get('grad-cam', '-')}, "
+            f"{meta.get('threads')} threads.\n"
+        )
+
+    def find(**key: Any) -> dict | None:
+        return store.get(**{k: key.get(k) for k in KEY_FIELDS})
+
+    fwd = [r for r in recs if r["section"] == "forward"]
+    if fwd:
+        out += ["### Eval-mode forward pass (`model.apply`, jit)", "",
+                "| arch | image | batch | jaxcam s/batch | jaxcam images/s | compile s | "
+                "torch s/batch | torch images/s | jaxcam / torch time |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in fwd:
+            t = find(**dict(r, section="torch", impl="torch"))
+            ratio = r["step_s"] / t["step_s"] if _ok(r) and _ok(t) else None
+            out.append(
+                f"| {r['arch']} | {r['image_size']} | {r['batch']} | {_fmt(r.get('step_s'))} | "
+                f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('compile_s'))} | "
+                f"{_fmt(t.get('step_s') if t else None)} | "
+                f"{_fmt(t.get('images_per_s') if t else None)} | {_fmt(ratio)} |"
+            )
+        out.append("")
+
+    meth = [r for r in recs if r["section"] == "methods"]
+    if meth:
+        dev = any("device_peak_mb" in r for r in meth)
+        out += ["### CAM methods (`jaxcam.explain`) vs pytorch-grad-cam, same weights and inputs",
+                "",
+                "| arch | image | batch | method | jaxcam images/s | s/batch | compile s | "
+                "recompiles | host peak MB |" + (" device peak MB |" if dev else "")
+                + " / forward | pytorch-grad-cam images/s | speed-up | max abs diff |",
+                "|---|---|---|---|---|---|---|---|---|" + ("---|" if dev else "")
+                + "---|---|---|---|"]
+        for r in meth:
+            if not _ok(r):
+                note = r.get("skipped") or r.get("error", "")
+                out.append(f"| {r['arch']} | {r['image_size']} | {r['batch']} | {r['method']} | "
+                           f"n/a: {note[:80]} |" + " |" * (9 if dev else 8))
+                continue
+            f = find(**dict(r, section="forward", method="apply"))
+            t = find(**dict(r, section="torch", impl="pytorch-grad-cam"))
+            agree = (t or {}).get("agreement", {}) if t else {}
+            out.append(
+                f"| {r['arch']} | {r['image_size']} | {r['batch']} | {r['method']} | "
+                f"{_fmt(r['images_per_s'])} | {_fmt(r['step_s'])} | {_fmt(r.get('compile_s'))} | "
+                f"{r.get('recompiles', '-')} | {_fmt(r.get('host_peak_mb'))} |"
+                + (f" {_fmt(r.get('device_peak_mb'))} |" if dev else "")
+                + f" {_fmt(r['step_s'] / f['step_s'] if _ok(f) else None)} | "
+                f"{_fmt(t['images_per_s'] if _ok(t) else None)} | "
+                f"{_fmt(r['images_per_s'] / t['images_per_s'] if _ok(t) else None)} | "
+                f"{_fmt(agree.get('max_abs_diff'))} |"
+            )
+        out.append("")
+
+    eng = [r for r in recs if r["section"] == "engine"]
+    if eng:
+        out += ["### Derivative engines alone (default layer, `exp` target)", "",
+                "| engine | arch | image | batch | coordinates / image | s/batch | s/image "
+                "| compile s |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in eng:
+            if not _ok(r):
+                out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
+                           f"n/a: {(r.get('skipped') or r.get('error', ''))[:80]} | | | |")
+                continue
+            out.append(
+                f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
+                f"{r.get('coordinates_per_image', '-')} | {_fmt(r['step_s'])} | "
+                f"{_fmt(r['step_s'] / r['batch'])} | {_fmt(r.get('compile_s'))} |"
+            )
+        out.append("")
+    ratio = [r for r in recs if r["section"] == "engine_ratio"]
+    if ratio:
+        out += ["### Grad-CAM++ and the forward pass as ratios to Grad-CAM (calls interleaved)",
+                "", "| arch | image | batch | classes | Grad-CAM s | `model.apply` | "
+                "closed-form Grad-CAM++ | exact Grad-CAM++ (factored) |",
+                "|---|---|---|---|---|---|---|---|"]
+        for c in sorted({r["num_classes"] for r in ratio}, reverse=True):
+            row = {r["method"]: r for r in ratio if r["num_classes"] == c}
+            g = row.get("gradcam")
+            if not _ok(g):
+                continue
+            rel = {m: _fmt(_ratio(row.get(m), g)) + "x" if _ratio(row.get(m), g) else "-"
+                   for m in ("apply", "gradcam++_closed", "gradcam++_exact")}
+            out.append(f"| {g['arch']} | {g['image_size']} | {g['batch']} | {c} | "
+                       f"{_fmt(g['step_s'])} | {rel['apply']} | {rel['gradcam++_closed']} | "
+                       f"{rel['gradcam++_exact']} |")
+        out.append("")
+
+    met = [r for r in recs if r["section"] == "metrics"]
+    if met:
+        out += ["### Metrics (`jaxcam.metrics`, defaults)", "",
+                "| metric | arch | image | batch | images/s | s/batch | compile s |",
+                "|---|---|---|---|---|---|---|"]
+        for r in met:
+            out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
+                       f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('step_s'))} | "
+                       f"{_fmt(r.get('compile_s'))} |")
+        out.append("")
+
+    sc = [r for r in recs if r["section"] == "scaling"]
+    if sc:
+        out += ["### Data-parallel sharding over forced host devices", "",
+                "| call | arch | image | batch | devices | images/s | vs 1 device |",
+                "|---|---|---|---|---|---|---|"]
+        for r in sorted(sc, key=lambda r: (r["method"], r["devices"])):
+            one = find(**dict(r, devices=1))
+            rel = r["images_per_s"] / one["images_per_s"] if _ok(r) and _ok(one) else None
+            out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
+                       f"{r['devices']} | {_fmt(r.get('images_per_s'))} | {_fmt(rel)} |")
+        out.append("")
+
+    goals = goal_lines(store)
+    if goals:
+        out += ["### Goals (issue 10)", ""] + [f"- {g}" for g in goals] + [""]
+    return "\n".join(out)
+
+
+def _ratio(record: dict | None, reference: dict | None) -> float | None:
+    """``record``'s time over ``reference``'s: the paired per-round median when the
+    two were measured interleaved, else the ratio of their medians."""
+    if not (_ok(record) and _ok(reference)):
+        return None
+    if "ratio_to_reference" in record and record.get("reference") == reference["method"]:
+        return record["ratio_to_reference"]
+    return record["step_s"] / reference["step_s"]
+
+
+def _lookup(store: ResultStore, record: dict[str, Any], **change: Any) -> dict | None:
+    """The record whose key equals ``record``'s with the fields in ``change`` replaced."""
+    return store.get(**{k: change.get(k, record.get(k)) for k in KEY_FIELDS})
+
+
+def goal_lines(store: ResultStore) -> list[str]:
+    """One line per issue-10 goal that the store has the numbers for: measured vs target."""
+    lines = []
+    ratio = [r for r in store.records if r["section"] == "engine_ratio" and _ok(r)]
+    for c, target in ((1000, 1.3), (7, 1.1)):
+        row = {r["method"]: r for r in ratio if r["num_classes"] == c}
+        g, e, f = row.get("gradcam"), row.get("gradcam++_exact"), row.get("apply")
+        v = _ratio(e, g)
+        if v is not None:
+            lines.append(f"exact Grad-CAM++ / Grad-CAM at {c} classes: {v:.2f}x "
+                         f"(goal <= {target}x: {'met' if v <= target else 'missed'})")
+        v = _ratio(f, g)
+        if v is not None and g["batch"] == 8 and c == 1000:
+            v = 1 / v
+            lines.append(f"{g['arch']} Grad-CAM / model.apply time at batch 8, interleaved: "
+                         f"{v:.2f}x (goal <= 1.15x: {'met' if v <= 1.15 else 'missed'})")
+    for r in store.records:
+        if r["section"] == "methods" and r["method"] == "gradcam" and r["batch"] == 8 and _ok(r):
+            t = _lookup(store, r, section="torch", impl="pytorch-grad-cam")
+            f = _lookup(store, r, section="forward", method="apply")
+            if _ok(t):
+                v = r["images_per_s"] / t["images_per_s"]
+                lines.append(f"{r['arch']} Grad-CAM batch 8 throughput vs pytorch-grad-cam: "
+                             f"{v:.2f}x (goal >= 2x: {'met' if v >= 2 else 'missed'})")
+            if _ok(f):
+                v = r["step_s"] / f["step_s"]
+                lines.append(f"{r['arch']} Grad-CAM batch 8 time / model.apply time: {v:.2f}x "
+                             f"(goal <= 1.15x: {'met' if v <= 1.15 else 'missed'})")
+        if r["section"] == "methods" and r["method"] == "scorecam" and _ok(r):
+            t = _lookup(store, r, section="torch", impl="pytorch-grad-cam")
+            if _ok(t):
+                v = r["images_per_s"] / t["images_per_s"]
+                lines.append(f"{r['arch']} Score-CAM batch {r['batch']} throughput vs "
+                             f"pytorch-grad-cam: {v:.2f}x "
+                             f"(goal >= 3x: {'met' if v >= 3 else 'missed'})")
+        if r["section"] == "engine" and r["method"] == "taylor" and _ok(r):
+            v = r["step_s"]
+            lines.append(f"taylor engine, {r['arch']} {r.get('coordinates_per_image')} coordinates "
+                         f"at {r['image_size']} px: {v:.1f} s/image "
+                         f"(goal < 20 s: {'met' if v < 20 else 'missed'})")
+    return lines
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _csv(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
+    return lambda s: tuple(cast(v.strip()) for v in s.split(",") if v.strip())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
+    d = BenchmarkConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--only", type=_csv(str), default=d.only,
+                   help=f"comma-separated sections out of {','.join(SECTIONS)}")
+    p.add_argument("--archs", type=_csv(str), default=d.archs)
+    p.add_argument("--batch-sizes", type=_csv(int), default=d.batch_sizes)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--methods", type=_csv(str), default=d.methods,
+                   help=f"out of {','.join(METHOD_SPECS)}")
+    p.add_argument("--num-classes", type=int, default=d.num_classes)
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
+                   help="stop repeating a cell once its steady-state time exceeds this")
+    p.add_argument("--engine-batch", type=int, default=d.engine_batch)
+    p.add_argument("--taylor-chunk-size", type=int, default=d.taylor_chunk_size)
+    p.add_argument("--metrics-batch", type=int, default=d.metrics_batch)
+    p.add_argument("--metrics", type=_csv(str), default=d.metric_names,
+                   help="metric names for the metrics section (default: all)")
+    p.add_argument("--scaling-devices", type=_csv(int), default=d.scaling_devices)
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="torch.set_num_threads for the PyTorch comparison")
+    p.add_argument("--out", default=d.out, help="results JSON (markdown written next to it)")
+    p.add_argument("--no-resume", action="store_true", help="measure every cell again")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny configuration (ResNet-50 at 32 px, batch 2, two methods)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        return dataclasses.replace(BenchmarkConfig.smoke(a.out), resume=not a.no_resume)
+    config = BenchmarkConfig(
+        only=a.only, archs=a.archs, batch_sizes=a.batch_sizes, image_size=a.image_size,
+        methods=a.methods, num_classes=a.num_classes, repeats=a.repeats,
+        max_seconds=a.max_seconds, engine_batch=a.engine_batch,
+        taylor_chunk_size=a.taylor_chunk_size, metrics_batch=a.metrics_batch,
+        metric_names=a.metrics,
+        scaling_devices=a.scaling_devices, threads=a.threads, out=a.out,
+        resume=not a.no_resume,
+    )
+    validate(config)
+    return config
+
+
+def validate(config: BenchmarkConfig) -> None:
+    """Reject a bad configuration before any model is built."""
+    bad = [s for s in config.only if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {bad} in --only; choose from {list(SECTIONS)}.")
+    bad = [a for a in config.archs if a not in ARCHS]
+    if bad:
+        raise ValueError(f"unknown arch(s) {bad} in --archs; choose from {list(ARCHS)}.")
+    bad = [m for m in config.methods if m not in METHOD_SPECS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad} in --methods; choose from {list(METHOD_SPECS)}.")
+    if not config.batch_sizes or min(config.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive integers; got {config.batch_sizes}.")
+    if config.image_size < 32:
+        raise ValueError(f"--image-size must be at least 32 px; got {config.image_size}.")
+    if config.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1; got {config.repeats}.")
+
+
+def run_benchmark(config: BenchmarkConfig) -> ResultStore:
+    """Run the selected sections, appending to ``config.out``; returns the store."""
+    validate(config)
+    store = ResultStore(config.out, resume=config.resume)
+    store.meta["environment"] = _environment(config)
+    store.meta["ru_maxrss_mb_at_start"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    store.save()
+    bench = Workbench(config)
+    if not bench.use_torch:
+        _progress(bench.torch_note)
+    sections = {
+        "forward": section_forward, "methods": section_methods, "torch": section_torch,
+        "engine": section_engine, "metrics": section_metrics, "scaling": section_scaling,
+    }
+    for name in SECTIONS:  # fixed order, whatever order --only lists them in
+        if name in config.only:
+            sections[name](config, bench, store)
+    store.meta["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    store.save()
+    return store
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    store = run_benchmark(config)
+    table = render_markdown(store)
+    Path(config.out).with_suffix(".md").write_text(table)
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

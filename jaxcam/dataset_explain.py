@@ -1,0 +1,268 @@
+"""Explain a whole dataset: stream batches, shard each over the devices, write maps as they come.
+
+``explain_dataset`` runs ``jaxcam.explain`` on every batch of an iterable (for
+example ``jaxcam.data.batches(...)``), each batch split over all devices with
+a data-parallel mesh (``jaxcam.distributed``), and writes one ``.npz`` file
+per batch plus a ``manifest.json`` after every batch. Started again on the
+same ``out_dir`` it skips the batches already written, so a long run that is
+interrupted loses at most one batch.
+
+Layout of ``out_dir``::
+
+    manifest.json            config, batches done (file, rows, metric means), totals
+    batch_000000.npz         "<method>/maps" (n, H, W), "<method>/raw" (n, h, w),
+    batch_000001.npz         "<method>/weights" (n, K) when the method has weights,
+    ...                      "<method>/<metric>" (n,) per metric, "class_idx" (n,),
+                             "logits" (n, C), and the batch's "index"/"label"/... rows
+
+In a multi-process job (see ``jaxcam.distributed.initialize_distributed``)
+each process feeds its own slice of every global batch and writes its own
+rows to ``batch_XXXXXX.pNN.npz`` and ``manifest.pNN.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcam import distributed
+
+MANIFEST_VERSION = 1
+
+# metric name -> fn(explanation, images) -> per-image values (n,)
+MetricFn = Callable[[Any, jax.Array], Any]
+
+
+def _images_of(batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        if "image" not in batch:
+            raise ValueError(
+                f"a batch dict needs an 'image' entry (B, H, W, 3); got keys {sorted(batch)}. "
+                "Pass the batches of jaxcam.data.batches, or arrays of images."
+            )
+        return batch["image"]
+    return batch
+
+
+def _passthrough(batch: Any) -> dict[str, np.ndarray]:
+    """Per-row fields of a batch dict to keep next to the maps (index, label, ...)."""
+    if not isinstance(batch, Mapping):
+        return {}
+    return {
+        k: np.asarray(v)
+        for k, v in batch.items()
+        if k != "image" and np.ndim(v) >= 1 and k not in ("mask",)
+    }
+
+
+def _file_suffix() -> str:
+    return "" if jax.process_count() == 1 else f".p{jax.process_index():02d}"
+
+
+def _config_fingerprint(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def explain_dataset(
+    model: Any,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    out_dir: str | os.PathLike,
+    methods: str | Sequence[str] = ("gradcam",),
+    *,
+    layer: str | None = None,
+    target: str | None = None,
+    derivatives: str = "exact",
+    metrics: Mapping[str, MetricFn] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    resume: bool = True,
+    start_step: int = 0,
+    maps_dtype: str = "float32",
+    progress: bool = True,
+    explain_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Explain every batch of ``batches`` and write maps and metrics to ``out_dir`` incrementally.
+
+    Args:
+      model, variables: a ``jaxcam.models`` model and its variables (replicated
+        over the mesh once, up front).
+      batches: an iterable of image arrays ``(B, H, W, 3)`` or of dicts with an
+        ``"image"`` entry (the batches of ``jaxcam.data.batches``); other per-row
+        entries (``"index"``, ``"label"``, ...) are stored next to the maps.
+        Batch ``i`` of the iterable is step ``start_step + i``.
+      out_dir: directory for ``manifest.json`` and one ``batch_XXXXXX.npz`` per step.
+      methods: one method name or several; several share one forward pass and
+        one set of derivatives inside ``jaxcam.explain``.
+      layer, target, derivatives: passed to ``jaxcam.explain``.
+      metrics: optional ``{name: fn(explanation, images) -> (B,) values}``,
+        e.g. a closure over a ``jaxcam.metrics`` function; evaluated on the
+        sharded batch, stored per image and averaged in the manifest.
+      mesh: the data-parallel mesh (default ``jaxcam.distributed.data_mesh()``,
+        every device). Each batch is padded to a multiple of the mesh size by
+        repeating its last row; padded rows are dropped before writing.
+      resume: skip steps whose file is listed in an existing manifest written
+        with the same configuration (a different configuration raises
+        ``ValueError``). ``resume=False`` starts over (overwrites).
+      start_step: the step number of the iterable's first batch (pair it with
+        ``jaxcam.data.batches(..., start_step=...)`` to avoid loading batches
+        that are already done).
+      maps_dtype: ``"float32"`` or ``"float16"`` (halves the disk space of maps).
+      explain_kwargs: extra keyword arguments of ``jaxcam.explain``.
+
+    Returns:
+      The manifest (a dict): ``config``, ``batches`` (step -> file, rows,
+      metric means), ``rows`` and per-method metric means over all rows written.
+    """
+    from jaxcam.explanation import explain
+
+    method_list = [methods] if isinstance(methods, str) else list(methods)
+    if not method_list:
+        raise ValueError("methods is empty; name at least one method, e.g. methods=['gradcam'].")
+    if len(set(method_list)) != len(method_list):
+        raise ValueError(f"methods lists a name twice: {method_list}.")
+    if maps_dtype not in ("float32", "float16"):
+        raise ValueError(f"maps_dtype must be 'float32' or 'float16'; got {maps_dtype!r}.")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0; got {start_step}.")
+    metrics = dict(metrics or {})
+    for name, fn in metrics.items():
+        if not callable(fn) or "/" in name:
+            raise ValueError(
+                f"metric {name!r} must map to a callable fn(explanation, images) and its name "
+                "must not contain '/'."
+            )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = _file_suffix()
+    manifest_path = out / f"manifest{suffix}.json"
+    config = {
+        "arch": getattr(model, "arch", type(model).__name__),
+        "num_classes": getattr(model, "num_classes", None),
+        "methods": method_list,
+        "layer": model.resolve_layer(layer) if hasattr(model, "resolve_layer") else layer,
+        "target": target,
+        "derivatives": derivatives,
+        "metrics": sorted(metrics),
+        "maps_dtype": maps_dtype,
+        "explain_kwargs": {k: repr(v) for k, v in sorted((explain_kwargs or {}).items())},
+    }
+    fingerprint = _config_fingerprint(config)
+    manifest: dict[str, Any] = {
+        "version": MANIFEST_VERSION, "config": config, "fingerprint": fingerprint, "batches": {},
+    }
+    if resume and manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{manifest_path} was written with another configuration "
+                f"({previous.get('config')}); to resume, call explain_dataset with the same "
+                "model, methods, layer, target, derivatives, metrics and maps_dtype; otherwise "
+                "pass resume=False (overwrites) or use a new out_dir."
+            )
+        manifest["batches"] = {
+            step: entry for step, entry in previous.get("batches", {}).items()
+            if (out / entry["file"]).exists()
+        }
+
+    mesh = mesh if mesh is not None else distributed.data_mesh()
+    variables = distributed.replicate(variables, mesh)
+    n_local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    store_dtype = np.float16 if maps_dtype == "float16" else np.float32
+    kwargs = dict(explain_kwargs or {})
+
+    iterator: Iterable[Any] = enumerate(batches, start=start_step)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="explain_dataset", unit="batch")
+    for step, batch in iterator:
+        key = f"{step:06d}"
+        if key in manifest["batches"]:
+            continue
+        images = np.asarray(_images_of(batch))
+        if images.ndim != 4:
+            raise ValueError(
+                f"batch {step}: images must be (B, H, W, 3); got shape {images.shape}."
+            )
+        padded, n = distributed.pad_batch(images, n_local)
+        x = distributed.shard_batch(padded, mesh)
+        result = explain(model, variables, x, method=method_list if len(method_list) > 1
+                         else method_list[0], layer=layer, target=target,
+                         derivatives=derivatives, **kwargs)
+        by_method = result if isinstance(result, Mapping) else {method_list[0]: result}
+        arrays: dict[str, np.ndarray] = {}
+        metric_means: dict[str, float] = {}
+        first = by_method[method_list[0]]
+        arrays["class_idx"] = distributed.local_rows(first.class_idx)[:n]
+        arrays["logits"] = distributed.local_rows(first.logits)[:n]
+        for name in method_list:
+            ex = by_method[name]
+            arrays[f"{name}/maps"] = distributed.local_rows(ex.maps)[:n].astype(store_dtype)
+            arrays[f"{name}/raw"] = distributed.local_rows(ex.raw)[:n]
+            if getattr(ex, "weights", None) is not None:
+                arrays[f"{name}/weights"] = distributed.local_rows(ex.weights)[:n]
+            for metric, fn in metrics.items():
+                values = np.asarray(distributed.local_rows(fn(ex, x)))[:n].astype(np.float64)
+                arrays[f"{name}/{metric}"] = values
+                metric_means[f"{name}/{metric}"] = float(values.mean())
+        for field_name, values in _passthrough(batch).items():
+            if values.shape[0] == images.shape[0]:
+                arrays[field_name] = values
+        filename = f"batch_{key}{suffix}.npz"
+        _write_npz_atomic(out / filename, arrays)
+        manifest["batches"][key] = {"file": filename, "rows": int(n), "metrics": metric_means}
+        _summarise(manifest)
+        _write_json_atomic(manifest_path, manifest)
+    _summarise(manifest)
+    _write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _summarise(manifest: dict[str, Any]) -> None:
+    """Row-weighted means of every metric over the batches written, and the row count."""
+    entries = manifest["batches"].values()
+    rows = sum(e["rows"] for e in entries)
+    sums: dict[str, float] = {}
+    for e in entries:
+        for name, mean in e["metrics"].items():
+            sums[name] = sums.get(name, 0.0) + mean * e["rows"]
+    manifest["rows"] = rows
+    manifest["metric_means"] = {k: v / rows for k, v in sorted(sums.items())} if rows else {}
+
+
+def load_explanations(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Concatenate every batch file listed in ``out_dir``'s manifest(s), in step order."""
+    out = Path(out_dir)
+    manifests = sorted(out.glob("manifest*.json"))
+    if not manifests:
+        raise FileNotFoundError(
+            f"no manifest.json in {out}; write one with jaxcam.dataset_explain.explain_dataset."
+        )
+    files = []
+    for path in manifests:
+        entries = json.loads(path.read_text())["batches"]
+        files += [(step, entries[step]["file"]) for step in entries]
+    parts = [np.load(out / name) for _, name in sorted(files)]
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
