@@ -8,8 +8,11 @@ compares the resulting maps (exact vs closed form vs nested sum, and
 Grad-CAM++ vs Grad-CAM) and times each engine. Writes ``results.json``,
 ``report.md`` and plots into ``--out``.
 
-Without ``--checkpoint`` the models are randomly initialised (a control: the
-numbers describe the heads' algebra, not what a trained model attends to).
+Without ``--checkpoint`` each architecture is studied twice: trained briefly here
+on the synthetic lesion set (``--train-images``, ``--train-epochs``; cached in
+``OUT/train``, a rerun resumes) and randomly initialised (a control: the numbers
+then describe the heads' algebra, not what a trained model attends to).
+``--inits`` picks either. The images studied are held-out synthetic lesions.
 
     python -m experiments.derivatives --out results/derivatives
     python -m experiments.derivatives --tiny --out /tmp/deriv   # seconds, for CI
@@ -37,6 +40,10 @@ DEFAULT_MODELS: tuple[str, ...] = (
 )
 TARGETS: tuple[str, ...] = ("exp", "softmax", "log_softmax", "logit", "rest")
 ENGINES: tuple[str, ...] = ("factored", "closed_form", "nested_sum")
+INITS: tuple[str, ...] = ("trained", "random")
+# seeds of the studied images, disjoint from the synthetic TFDS splits' (which derive
+# their own streams from the builder seed)
+EVAL_SEED_TAG = 0x5EED_D0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,23 +51,32 @@ class Config:
     """Options. ``models``: ``arch:layer,layer`` strings (``default`` = the model's
     default layer). ``coords``: coordinates per image sampled for the ``taylor``
     ground truth; ``fd_coords``: of those, how many are checked against float64
-    finite differences (image 0)."""
+    finite differences (image 0). ``inits``: ``trained`` (briefly, here, on
+    ``train_images`` synthetic lesions for ``train_epochs`` at ``image_size``) and/or
+    ``random`` (the control); ignored with ``checkpoint``."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     targets: tuple[str, ...] = TARGETS
     num_images: int = 2
     image_size: int = 96
-    num_classes: int = 7
+    num_classes: int = 4  # the synthetic lesion classes (the trained models learn them)
     coords: int = 64
     fd_coords: int = 4
+    inits: tuple[str, ...] = INITS
+    train_images: int = 600
+    train_epochs: int = 2
+    train_batch_size: int = 16
+    learning_rate: float = 2e-3
     checkpoint: str | None = None
     out: str = "results/derivatives"
     seed: int = 0
     plots: bool = True
+    progress: bool = True
 
 
 TINY = Config(models=("resnet50:layer4",), targets=("exp", "softmax"), num_images=1,
-              image_size=64, coords=8, fd_coords=2, plots=False)
+              image_size=64, coords=8, fd_coords=2, plots=False, train_images=8,
+              train_epochs=1, train_batch_size=4, progress=False)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -74,11 +90,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--coords", type=int, default=None)
     p.add_argument("--fd-coords", type=int, default=None)
+    p.add_argument("--inits", nargs="+", default=None, choices=INITS,
+                   help="trained (briefly, on the synthetic lesion set) and/or random "
+                        "(default: both)")
+    p.add_argument("--train-images", type=int, default=None)
+    p.add_argument("--train-epochs", type=int, default=None)
     p.add_argument("--checkpoint", default=None,
                    help="a jaxcam checkpoint directory (its arch replaces --models' archs)")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration for CI")
     a = p.parse_args(argv)
     base = TINY if a.tiny else Config()
@@ -87,15 +109,36 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         targets=tuple(a.targets) if a.targets else None, num_images=a.num_images,
         image_size=a.image_size, num_classes=a.num_classes, coords=a.coords,
         fd_coords=a.fd_coords, checkpoint=a.checkpoint, out=a.out, seed=a.seed,
+        inits=tuple(dict.fromkeys(a.inits)) if a.inits else None,
+        train_images=a.train_images, train_epochs=a.train_epochs,
     ).items() if v is not None}
     if a.no_plots:
         updates["plots"] = False
+    if a.no_progress:
+        updates["progress"] = False
     config = dataclasses.replace(base, **updates)
-    for name in ("num_images", "image_size", "num_classes", "coords"):
+    for name in ("num_images", "image_size", "num_classes", "coords", "train_images",
+                 "train_epochs"):
         if getattr(config, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
         raise SystemExit(f"--checkpoint {config.checkpoint}: no such file or directory")
+    from jaxcam.data import synthetic
+
+    if "trained" in config.inits and config.checkpoint is None:
+        if config.num_classes != synthetic.NUM_CLASSES:
+            raise SystemExit(
+                f"--num-classes {config.num_classes}: the models trained here learn the "
+                f"synthetic lesion set's {synthetic.NUM_CLASSES} classes; use --inits random "
+                "for another class count.")
+    try:
+        synthetic.SyntheticConfig(image_size=config.image_size)
+    except ValueError as err:
+        raise SystemExit(f"--image-size {config.image_size}: {err}") from None
+    for arch, _ in _parse_models(config.models):
+        if arch not in ("resnet50", "vgg19", "efficientnet_b0"):
+            raise SystemExit(f"--models: unknown architecture {arch!r}; use resnet50, vgg19 "
+                             "or efficientnet_b0.")
     return config
 
 
@@ -155,19 +198,34 @@ def central_differences(values: dict[int, float], h: float) -> tuple[float, floa
 
 
 def _images(n: int, size: int, seed: int) -> np.ndarray:
-    """Normalised synthetic images: smooth background plus a few bright disks."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        img = 0.3 + 0.1 * rng.standard_normal((size, size, 3))
-        for _ in range(3):
-            cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.05, 0.15)
-            img += (((yy - cy) ** 2 + (xx - cx) ** 2) < r**2)[..., None] * rng.uniform(0.3, 0.7, 3)
-        out.append(img)
+    """``n`` held-out synthetic lesion images (one per class in turn), normalised with
+    the ImageNet statistics as the training pipeline does: float32 ``(n, S, S, 3)``."""
+    from jaxcam.data import synthetic
     from jaxcam.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-    x = (np.clip(np.stack(out), 0, 1) - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+
+    cfg = synthetic.SyntheticConfig(image_size=size)
+    out = [synthetic.make_image(np.random.default_rng([seed, EVAL_SEED_TAG, i]), cfg,
+                                label=i % synthetic.NUM_CLASSES)[0] for i in range(n)]
+    x = (np.stack(out) / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     return x.astype(np.float32)
+
+
+def _trained_variables(model, variables, config: Config, out_dir: Path):
+    """Train ``model`` briefly on the synthetic lesion set; returns (variables, note)."""
+    from experiments import common
+
+    result = common.train_on_synthetic(
+        model, variables, out_dir / "train" / model.arch, arch=model.arch,
+        synthetic_config="default", num_train=config.train_images,
+        image_size=config.image_size, epochs=config.train_epochs,
+        batch_size=config.train_batch_size, learning_rate=config.learning_rate,
+        seed=config.seed, cache_dir=str(out_dir / "train" / "tfds"), progress=config.progress)
+    acc = result.history[-1].get("val_accuracy") if result.history else None
+    acc_txt = "n/a" if acc is None else f"{acc:.1%}"
+    note = (f"trained here {config.train_epochs} epoch(s) on {config.train_images} synthetic "
+            f"lesion images at {config.image_size} px; validation accuracy {acc_txt} "
+            f"(chance 25%)")
+    return result.variables, note, acc
 
 
 # --------------------------------------------------------------------------- study
@@ -328,29 +386,40 @@ def run(config: Config) -> dict[str, Any]:
     if partial_file.exists():  # resume: keep finished layers of a run with the same config
         previous = json.loads(partial_file.read_text())
         if previous.get("config") == json.loads(json.dumps(results["config"])):
-            done = {(m["arch"], m["layer"]): m for m in previous["models"]}
+            done = {(m["arch"], m["layer"], m["init"]): m for m in previous["models"]}
+            results["training"] = previous.get("training", {})
     specs = _parse_models(config.models)
+    runs: list[tuple[str, str, list[str]]] = []  # (arch, init, layers)
     if config.checkpoint is not None:
         bundle = jaxcam.load(config.checkpoint)
-        loaded = {bundle.model.arch: (bundle.model, bundle.variables)}
         specs = [(a, ls) for a, ls in specs if a == bundle.model.arch] or [
             (bundle.model.arch, ["default"])]
-    for arch, layers in specs:
-        if config.checkpoint is not None:
-            model, variables = loaded[arch]
-            init = "checkpoint"
+        runs = [(a, "checkpoint", ls) for a, ls in specs]
+    else:
+        runs = [(a, init, ls) for a, ls in specs for init in config.inits]
+    results.setdefault("training", {})
+    for arch, init, layers in runs:
+        if all((arch, _canonical(arch, layer), init) in done for layer in layers):
+            model = variables = None  # nothing left to compute for this model
+        elif init == "checkpoint":
+            model, variables = bundle.model, bundle.variables
         else:
             model = jaxcam.models.get(arch, config.num_classes)
             variables = model.init(jax.random.PRNGKey(config.seed), image_size=config.image_size)
-            init = "random"
+            if init == "trained":
+                print(f"[derivatives] training {arch} briefly on the synthetic lesion set ...",
+                      flush=True)
+                variables, note, acc = _trained_variables(model, variables, config, out_dir)
+                results["training"][arch] = {"note": note, "val_accuracy": acc}
         for layer in layers:
-            name = model.resolve_layer(None if layer == "default" else layer)
-            if (arch, name) in done:
-                print(f"[derivatives] {arch} {name}: kept from {partial_file}", flush=True)
-                results["models"].append(done[(arch, name)])
+            name = _canonical(arch, layer)
+            if (arch, name, init) in done:
+                print(f"[derivatives] {arch} {name} ({init}): kept from {partial_file}",
+                      flush=True)
+                results["models"].append(done[(arch, name, init)])
                 continue
             t0 = time.perf_counter()
-            print(f"[derivatives] {arch} {name} ...", flush=True)
+            print(f"[derivatives] {arch} {name} ({init}) ...", flush=True)
             # coordinates sampled per layer, so a resumed run samples the same ones
             rng = np.random.default_rng([config.seed, zlib.crc32(f"{arch}/{name}".encode())])
             res = study_layer(model, variables, x, name, config, rng)
@@ -358,13 +427,21 @@ def run(config: Config) -> dict[str, Any]:
             results["models"].append(res)
             partial_file.write_text(json.dumps(_public(results), indent=2))
             (out_dir / "report.md").write_text(markdown(_public(results)))
-            print(f"[derivatives] {arch} {name} done in {res['seconds_total']:.1f} s", flush=True)
+            print(f"[derivatives] {arch} {name} ({init}) done in {res['seconds_total']:.1f} s",
+                  flush=True)
     if config.plots:
         write_plots(results, x, out_dir)
     results = _public(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "report.md").write_text(markdown(results))
     return results
+
+
+def _canonical(arch: str, layer: str) -> str:
+    """A layer spec's canonical cut-point name (``default`` -> the default layer)."""
+    import jaxcam
+
+    return jaxcam.models.get(arch, 4).resolve_layer(None if layer == "default" else layer)
 
 
 def _public(results: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +454,10 @@ def _public(results: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
+def _key(m: dict[str, Any]) -> str:
+    return f"{m['arch']} | {m['layer']} | {m['init']}"
+
+
 def _fmt(s: dict[str, float]) -> str:
     return f"{s['median']:.1e} / {s['p99']:.1e} / {s['max']:.1e}"
 
@@ -386,11 +467,18 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Derivative correctness of Grad-CAM++ inputs",
         "",
-        f"Images: {cfg['num_images']} synthetic, {cfg['image_size']} px; {cfg['coords']} sampled "
-        "coordinates per layer for the `taylor` ground truth; errors are |x - truth| / "
+        f"Images: {cfg['num_images']} held-out synthetic lesions, {cfg['image_size']} px; "
+        f"{cfg['coords']} sampled coordinates per layer for the `taylor` ground truth; "
+        "errors are |x - truth| / "
         "max|truth| per image (absolute where the truth is identically 0), as median / p99 / max.",
-        "Regenerate: `python -m experiments.derivatives` (add `--checkpoint DIR` for a trained "
-        "model; without it the weights are random: a control).",
+        "Regenerate: `python -m experiments.derivatives` (add `--checkpoint DIR` for your own "
+        "trained model). `init`: `trained` = trained briefly here on the synthetic lesion set, "
+        "`random` = random initialisation (a control).",
+        "",
+    ]
+    for arch, t in results.get("training", {}).items():
+        lines.append(f"- {arch}: {t['note']}")
+    lines += [
         "",
         "## Certificate (head piecewise linear?)",
         "",
@@ -401,46 +489,46 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {m['arch']} | {m['layer']} | {m['init']} | {m['activation_shape']} | "
                      f"{m['coordinates']} | {'yes' if m['certified'] else 'no'} |")
     lines += ["", "## D2, D3, alpha vs taylor (median / p99 / max relative error)", "",
-              "| model | layer | target | engine | D2 | D3 | alpha |",
-              "|---|---|---|---|---|---|---|"]
+              "| model | layer | init | target | engine | D2 | D3 | alpha |",
+              "|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         for t, row in m["targets"].items():
             for e, errs in row["errors"].items():
-                lines.append(f"| {m['arch']} | {m['layer']} | {t} | {e} | {_fmt(errs['D2'])} | "
+                lines.append(f"| {_key(m)} | {t} | {e} | {_fmt(errs['D2'])} | "
                              f"{_fmt(errs['D3'])} | {_fmt(errs['alpha'])} |")
     lines += ["", "## taylor (float64) vs float64 central finite differences (image 0)", "",
-              "| model | layer | target | D1 | D2 | D3 |", "|---|---|---|---|---|---|"]
+              "| model | layer | init | target | D1 | D2 | D3 |", "|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         for t, row in m["targets"].items():
             fd = row.get("finite_differences")
             if not fd:
                 continue
             if "error" in fd:
-                lines.append(f"| {m['arch']} | {m['layer']} | {t} | {fd['error']} | | |")
+                lines.append(f"| {_key(m)} | {t} | {fd['error']} | | |")
             else:
-                lines.append(f"| {m['arch']} | {m['layer']} | {t} | " + " | ".join(
+                lines.append(f"| {_key(m)} | {t} | " + " | ".join(
                     _fmt(fd[f"D{n}"]) for n in (1, 2, 3)) + " |")
     lines += ["", "## Map-level effect (Grad-CAM++ maps, mean over images)", "",
-              "| model | layer | target | comparison | Pearson | Spearman | top-20% IoU "
+              "| model | layer | init | target | comparison | Pearson | Spearman | top-20% IoU "
               "| max abs diff |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         for t, row in m["targets"].items():
             note = " (exact D2 == 0: degenerate)" if row["exact_D2_identically_zero"] else ""
             for comp, s in row["maps"].items():
-                lines.append(f"| {m['arch']} | {m['layer']} | {t}{note} | {comp} | "
+                lines.append(f"| {_key(m)} | {t}{note} | {comp} | "
                              f"{s['pearson']:.4f} | {s['spearman']:.4f} | {s['iou_top20']:.3f} | "
                              f"{s['max_abs_diff']:.2e} |")
     lines += ["", "## Engine time (seconds per call on the whole batch, after compilation)", "",
-              "| model | layer | target | " + " | ".join(
+              "| model | layer | init | target | " + " | ".join(
                   ("taylor (sampled)", "taylor full / image (est.)") + ENGINES) + " |",
-              "|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         for t, row in m["targets"].items():
             s = row["seconds"]
             cells = [s.get("taylor_sampled"), s.get("taylor_full_per_image_est")] + [
                 s.get(e) for e in ENGINES]
-            lines.append(f"| {m['arch']} | {m['layer']} | {t} | " + " | ".join(
+            lines.append(f"| {_key(m)} | {t} | " + " | ".join(
                 "-" if c is None else f"{c:.3g}" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -455,7 +543,7 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
 
     image = np.clip(np.asarray(x[0]) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
     for m in results["models"]:
-        tag = f"{m['arch']}_{m['layer']}".replace(".", "_")
+        tag = f"{m['arch']}_{m['layer']}_{m['init']}".replace(".", "_")
         fig, axes = plt.subplots(1, len(m["targets"]), figsize=(4 * len(m["targets"]), 3),
                                  squeeze=False)
         if not all("_log_err" in row for row in m["targets"].values()):
@@ -477,7 +565,7 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
                 ax.imshow(im, cmap=None if im.ndim == 3 else "jet", vmin=0, vmax=1)
                 ax.set_title(title)
                 ax.axis("off")
-            fig.suptitle(f"{m['arch']} {m['layer']} target={t}")
+            fig.suptitle(f"{m['arch']} {m['layer']} ({m['init']}) target={t}")
             fig.savefig(out_dir / f"maps_{tag}_{t}.png", dpi=80)
             plt.close(fig)
 

@@ -183,30 +183,14 @@ def get_model(config: LocalizationConfig, out: Path):
 
 
 def train_on_multi(config: LocalizationConfig, model, variables, out: Path):
-    """Fine-tune on the ``multi`` synthetic TFDS configuration with experiments.common."""
-    import jaxcam.data as jdata
+    """Train on the ``multi`` synthetic configuration (experiments.common.train_on_synthetic)."""
     from experiments import common
 
-    n_val = max(1, config.num_train // 10)
-    builder_config = {"config": "multi", "num_train": config.num_train,
-                      "num_validation": n_val, "num_test": 1,
-                      "image_size": config.image_size, "seed": config.seed}
-    cache = Path(config.cache_dir) if config.cache_dir else out / "tfds"
-    jdata.build(common.SYNTHETIC, data_dir=str(cache), progress=config.progress, **builder_config)
-    splits = {s: jdata.load(common.SYNTHETIC, s, data_dir=str(cache), **builder_config)
-              for s in ("train", "validation")}
-    meta = jdata.info(common.SYNTHETIC)
-    data = common.Data(common.SYNTHETIC, splits, tuple(meta.display_names),
-                       tuple(meta.malignant), builder_config)
-    spec = common.ExperimentSpec(
-        name="localization", title="synthetic multi-lesion set", dataset=common.SYNTHETIC,
-        methods=(), headline="accuracy", reference={}, reference_source="")
-    exp_config = common.ExperimentConfig(
-        arch=config.arch, epochs=config.epochs, image_size=config.image_size,
-        batch_size=min(config.batch_size, config.num_train), learning_rate=config.learning_rate,
-        seed=config.seed, progress=config.progress, out=str(out))
-    result, _ = common.train_model(exp_config, spec, data, model, variables, out)
-    return result.variables
+    return common.train_on_synthetic(
+        model, variables, out, arch=config.arch, synthetic_config="multi",
+        num_train=config.num_train, image_size=config.image_size, epochs=config.epochs,
+        batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed,
+        cache_dir=config.cache_dir, progress=config.progress).variables
 
 
 # --------------------------------------------------------------------------------------

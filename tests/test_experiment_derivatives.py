@@ -30,24 +30,34 @@ def test_error_stats_and_map_agreement():
 
 
 def test_tiny_configuration_end_to_end(tmp_path):
-    """ResNet-50 layer4 (piecewise-linear head): exp through it must come out exact ==
-    closed form, and factored == taylor, at float32 precision."""
+    """ResNet-50 layer4 (piecewise-linear head), trained briefly here and at random init:
+    exp through it must come out exact == closed form, and factored == taylor, at float32
+    precision, for both."""
     study.main(["--tiny", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    (layer,) = results["models"]
-    assert layer["arch"] == "resnet50" and layer["certified"] is True
-    exp = layer["targets"]["exp"]
-    for engine in ("factored", "closed_form"):
-        for quantity in ("D2", "D3", "alpha"):
-            assert exp["errors"][engine][quantity]["max"] < 1e-4
-    assert exp["maps"]["exact_vs_closed_form"]["max_abs_diff"] < 1e-4
-    softmax = layer["targets"]["softmax"]
-    assert softmax["errors"]["factored"]["D2"]["max"] < 1e-3
-    assert softmax["errors"]["nested_sum"]["D2"]["max"] > 1e-2  # the row-sum shortcut is off
-    for n in (1, 2, 3):
-        assert exp["finite_differences"][f"D{n}"]["max"] < 1e-4
+    assert [(m["arch"], m["layer"], m["init"]) for m in results["models"]] == [
+        ("resnet50", "layer4", "trained"), ("resnet50", "layer4", "random")]
+    assert 0.0 <= results["training"]["resnet50"]["val_accuracy"] <= 1.0
+    assert (tmp_path / "train" / "resnet50" / "checkpoints").is_dir()
+    for layer in results["models"]:
+        assert layer["certified"] is True
+        exp = layer["targets"]["exp"]
+        for engine in ("factored", "closed_form"):
+            for quantity in ("D2", "D3", "alpha"):
+                assert exp["errors"][engine][quantity]["max"] < 1e-4
+        assert exp["maps"]["exact_vs_closed_form"]["max_abs_diff"] < 1e-4
+        softmax = layer["targets"]["softmax"]
+        assert softmax["errors"]["factored"]["D2"]["max"] < 1e-3
+        assert softmax["errors"]["nested_sum"]["D2"]["max"] > 1e-2  # the row-sum shortcut is off
+        for n in (1, 2, 3):
+            assert exp["finite_differences"][f"D{n}"]["max"] < 1e-4
     report = (tmp_path / "report.md").read_text()
-    assert "| resnet50 | layer4 | exp | closed_form |" in report
+    assert "| resnet50 | layer4 | random | exp | closed_form |" in report
+    assert "| resnet50 | layer4 | trained | exp | closed_form |" in report
+    assert "- resnet50: trained here 1 epoch(s) on 8 synthetic lesion images" in report
+    # a rerun keeps every finished layer (resume) and reproduces the same numbers
+    again = study.run(study.parse_args(["--tiny", "--out", str(tmp_path)]))
+    assert again["models"] == results["models"]
 
 
 def test_bad_options_exit_with_a_message(tmp_path):
@@ -55,3 +65,8 @@ def test_bad_options_exit_with_a_message(tmp_path):
         study.parse_args(["--coords", "0"])
     with pytest.raises(SystemExit, match="no such file"):
         study.parse_args(["--checkpoint", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="unknown architecture 'resnet18'"):
+        study.parse_args(["--models", "resnet18:layer4"])
+    with pytest.raises(SystemExit, match="use --inits random"):
+        study.parse_args(["--num-classes", "7"])
+    assert study.parse_args(["--num-classes", "7", "--inits", "random"]).num_classes == 7

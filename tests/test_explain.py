@@ -120,7 +120,9 @@ def test_gap_head_identities_through_explain():
     np.testing.assert_allclose(exs["gradcam++"].maps, closed.maps, atol=1e-5)
 
 
-def test_batch_equals_per_image_and_repeated_calls_reuse_the_compiled_function():
+def test_batch_equals_per_image_and_repeated_calls_reuse_the_compiled_function(x64):
+    # float64: batched and single-image XLA kernels round differently in float32, and
+    # min-max normalisation of the maps amplifies that to ~4e-5 at a few pixels
     model, v, x = _setup("mlp")
     full = jaxcam.explain(model, v, x, method=["gradcam++", "layercam"], target="softmax")
     n_compiled = len(explanation._COMPILED)
@@ -131,7 +133,7 @@ def test_batch_equals_per_image_and_repeated_calls_reuse_the_compiled_function()
         one = jaxcam.explain(model, v, x[b : b + 1], method=["gradcam++", "layercam"],
                              target="softmax")
         for name in one:
-            np.testing.assert_allclose(one[name].maps[0], full[name].maps[b], atol=2e-5)
+            np.testing.assert_allclose(one[name].maps[0], full[name].maps[b], atol=1e-10)
 
 
 def test_explain_is_differentiable_wrt_images():
