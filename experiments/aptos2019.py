@@ -31,7 +31,7 @@ SPEC = ExperimentSpec(
 )
 
 REAL_DEFAULTS = dict(arch="efficientnet_b0", image_size=224, epochs=10, batch_size=32,
-                     learning_rate=1e-4, num_figures=8, num_gif=24, max_explain=500,
+                     learning_rate=1e-4, num_figures=8, num_gif=24,
                      checkpoint_every=200)
 
 

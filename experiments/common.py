@@ -55,7 +55,7 @@ class ExperimentConfig:
     pretrained: str | None = None
     arch: str = "resnet50"
     layer: str | None = None
-    epochs: int = 3
+    epochs: int = 2
     image_size: int = 64
     batch_size: int = 16
     learning_rate: float = 2e-3
@@ -65,7 +65,7 @@ class ExperimentConfig:
     balanced: bool = False
     patience: int | None = None
     checkpoint_every: int = 100
-    num_images: int = 1500
+    num_images: int = 900
     num_figures: int = 4
     num_gif: int = 12
     max_explain: int | None = None
@@ -97,7 +97,8 @@ _HELP = {
     "data_dir": "folder with the Kaggle download; without it the synthetic lesion set is used",
     "pretrained": "torchvision weights file (.pth/.pt/.safetensors) to fine-tune from",
     "arch": f"architecture, one of {', '.join(ARCHS)}",
-    "layer": "target layer of the explanations (default: the model's default layer)",
+    "layer": "target layer of the explanations (default: the model's default layer, or the "
+             "deepest cut point with a map of at least 4x4 when the default's is coarser)",
     "num_images": "size of the synthetic set (ignored with --data-dir)",
     "max_explain": "explain at most this many test images for the metrics (default: all)",
     "cache_dir": "where the TFDS dataset is built (default: OUT/tfds)",
@@ -366,23 +367,57 @@ class Explained:
     masks: np.ndarray | None  # (N, S, S) uint8
     maps: dict[str, np.ndarray]  # label -> (N, S, S) in [0, 1]
     skipped: dict[str, str]  # label -> why
+    layers: dict[str, str]  # label -> the layer it was computed at
 
 
-def available_methods(spec: ExperimentSpec, model, variables, layer) -> tuple[list[str], dict]:
-    skipped = {}
-    methods = []
+MIN_MAP_SIZE = 4
+
+
+def explained_layer(model, variables, image_size: int, layer: str | None) -> str:
+    """The layer the experiment explains: ``layer`` if given, else the model's default
+    layer, unless its map would be coarser than ``MIN_MAP_SIZE`` x ``MIN_MAP_SIZE`` at
+    ``image_size`` (ResNet-50's layer4 is 2x2 at 64 px: one pixel per quadrant cannot
+    point at a lesion); then the deepest cut point whose map is at least that fine."""
+    import jax
+
+    if layer is not None:
+        return model.resolve_layer(layer)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+
+    def side(name: str) -> int:
+        return min(jax.eval_shape(lambda v, x: model.features(v, x, name), variables, x).shape[1:3])
+
+    if side(model.default_layer) >= MIN_MAP_SIZE:
+        return model.default_layer
+    before = model.layers[: model.layers.index(model.default_layer)]
+    return next((name for name in reversed(before) if side(name) >= MIN_MAP_SIZE),
+                model.default_layer)
+
+
+def available_methods(spec: ExperimentSpec, model, variables,
+                      layer: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``{method label: layer it runs at}`` and ``{skipped label: why}``. Every method runs
+    at ``layer`` except CAM, which exists only at a global-average-pool + dense head: at
+    ``layer`` if that is one, else at the model's default layer if that is one."""
+    skipped: dict[str, str] = {}
+    methods: dict[str, str] = {}
     for label in spec.methods:
         name, _ = METHOD_LABELS[label]
-        if name == "cam" and model.linear_head(variables, layer or model.default_layer) is None:
-            skipped[label] = (f"{model.arch} has no global-average-pool + dense head at "
-                              f"{layer or model.default_layer}")
+        if name == "cam" and model.linear_head(variables, layer) is None:
+            if model.linear_head(variables, model.default_layer) is not None:
+                methods[label] = model.default_layer
+            else:
+                skipped[label] = (f"{model.arch} has no global-average-pool + dense head at "
+                                  f"{layer} or {model.default_layer}")
             continue
-        methods.append(label)
+        methods[label] = layer
     return methods, skipped
 
 
-def explain_test_set(config, spec, model, variables, source, predict_fn) -> Explained:
-    """Explain the predicted class of (up to ``max_explain``) test images with every method."""
+def explain_test_set(config, spec, model, variables, source, predict_fn,
+                     layer: str) -> Explained:
+    """Explain the predicted class of (up to ``max_explain``) test images with every method
+    at ``layer`` (CAM at its GAP + dense layer, see :func:`available_methods`)."""
     import jax
     from tqdm.auto import tqdm
 
@@ -390,10 +425,11 @@ def explain_test_set(config, spec, model, variables, source, predict_fn) -> Expl
     import jaxcam.data as jdata
     from jaxcam.preprocessing import denormalize
 
-    methods, skipped = available_methods(spec, model, variables, config.layer)
-    by_derivatives: dict[str, list[str]] = {}
-    for label in methods:
-        by_derivatives.setdefault(METHOD_LABELS[label][1], []).append(label)
+    methods, skipped = available_methods(spec, model, variables, layer)
+    # one explain call per (derivatives, layer): methods in a call share the forward pass
+    groups: dict[tuple[str, str], list[str]] = {}
+    for label, at in methods.items():
+        groups.setdefault((METHOD_LABELS[label][1], at), []).append(label)
     limit = config.max_explain if config.max_explain is not None else len(source)
     bs = config.batch_size
     maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
@@ -408,9 +444,9 @@ def explain_test_set(config, spec, model, variables, source, predict_fn) -> Expl
         n = min(len(batch["label"]), limit - seen)
         x = np.asarray(batch["image"])[:n]
         xp = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x
-        for derivatives, labels in by_derivatives.items():
+        for (derivatives, at), labels in groups.items():
             names = [METHOD_LABELS[m][0] for m in labels]
-            exs = jaxcam.explain(model, variables, xp, method=names, layer=config.layer,
+            exs = jaxcam.explain(model, variables, xp, method=names, layer=at,
                                  derivatives=derivatives)
             for m, name in zip(labels, names, strict=True):
                 maps[m].append(np.asarray(exs[name].maps)[:n])
@@ -433,6 +469,7 @@ def explain_test_set(config, spec, model, variables, source, predict_fn) -> Expl
         masks=np.concatenate(keep["mask"]) if keep["mask"] else None,
         maps={m: np.concatenate(v) for m, v in maps.items()},
         skipped=skipped,
+        layers=methods,
     )
 
 
@@ -704,6 +741,14 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
                   f"`{exm['layer']}`. Figures: " + ", ".join(
                       f"[{Path(p).name}]({p})" for p in exm["figures"]) + ".", "",
                   f"Animated: ![test images]({exm['gif']})", ""]
+        for label, at in exm.get("method_layers", {}).items():
+            if at != exm["layer"]:
+                lines.append(f"- {label} is computed at `{at}`, the model's global-average-pool "
+                             f"+ dense layer (CAM exists only there).")
+        if results["config"].get("layer") is None and exm["layer"] != exm["default_layer"]:
+            lines.append(f"- Layer `{exm['layer']}`, not the default `{exm['default_layer']}`: "
+                         f"at {results['config']['image_size']} px the default's map is coarser "
+                         f"than {MIN_MAP_SIZE}x{MIN_MAP_SIZE}; pass `--layer` to choose.")
         for label, why in exm["skipped"].items():
             lines.append(f"- {label} skipped: {why}.")
         per = exm["metrics"]["per_method"]
@@ -773,7 +818,7 @@ def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
     timing["data_s"] = time.perf_counter() - t0
     num_classes = len(data.class_names)
     model, variables, replaced = build_model(config, num_classes)
-    layer = model.resolve_layer(config.layer) if config.layer else model.default_layer
+    layer = explained_layer(model, variables, config.image_size, config.layer)
 
     t = time.perf_counter()
     predict_fn = train.make_predict_fn(model)  # one compiled forward pass for every split
@@ -798,7 +843,7 @@ def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
 
     t = time.perf_counter()
     ex = explain_test_set(config, spec, model, result.variables, data.splits["test"],
-                          predict_fn)
+                          predict_fn, layer)
     exm = explanation_metrics(config, model, result.variables, ex)
     figures = []
     for i in range(min(config.num_figures, len(ex.labels))):
@@ -839,8 +884,10 @@ def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
         "explanations": {
             "count": int(len(ex.labels)),
             "layer": layer,
+            "default_layer": model.default_layer,
             "methods": list(ex.maps),
             "skipped": ex.skipped,
+            "method_layers": ex.layers,
             "figures": figures,
             "gif": "explanations.gif",
             "metrics": exm,

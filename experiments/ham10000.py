@@ -34,7 +34,7 @@ SPEC = ExperimentSpec(
 # With --data-dir: the reference setup (sized for a GPU).
 REAL_DEFAULTS = dict(arch="resnet50", image_size=224, epochs=10, batch_size=32,
                      learning_rate=1e-4, class_weighting=True, num_figures=8, num_gif=24,
-                     max_explain=500, checkpoint_every=200)
+                     checkpoint_every=200)
 
 
 @dataclasses.dataclass(frozen=True)
