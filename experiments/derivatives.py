@@ -50,10 +50,11 @@ EVAL_SEED_TAG = 0x5EED_D0
 class Config:
     """Options. ``models``: ``arch:layer,layer`` strings (``default`` = the model's
     default layer). ``coords``: coordinates per image sampled for the ``taylor``
-    ground truth; ``fd_coords``: of those, how many are checked against float64
-    finite differences (image 0). ``inits``: ``trained`` (briefly, here, on
-    ``train_images`` synthetic lesions for ``train_epochs`` at ``image_size``) and/or
-    ``random`` (the control); ignored with ``checkpoint``."""
+    ground truth; ``fd_coords``: of those, how many (non-zero activations only) are
+    checked against float64 finite differences (image 0). ``inits``: ``trained`` (briefly, here, on
+    ``train_images`` synthetic lesions for ``train_epochs`` at ``train_image_size``; the
+    convolutional models then run at ``image_size``) and/or ``random`` (the control);
+    ignored with ``checkpoint``."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     targets: tuple[str, ...] = TARGETS
@@ -63,8 +64,9 @@ class Config:
     coords: int = 64
     fd_coords: int = 4
     inits: tuple[str, ...] = INITS
-    train_images: int = 600
-    train_epochs: int = 2
+    train_images: int = 400
+    train_epochs: int = 1
+    train_image_size: int = 64  # training cost is the budget: a step at 96 px costs ~2.3x
     train_batch_size: int = 16
     learning_rate: float = 2e-3
     checkpoint: str | None = None
@@ -76,7 +78,7 @@ class Config:
 
 TINY = Config(models=("resnet50:layer4",), targets=("exp", "softmax"), num_images=1,
               image_size=64, coords=8, fd_coords=2, plots=False, train_images=8,
-              train_epochs=1, train_batch_size=4, progress=False)
+              train_epochs=1, train_batch_size=4, train_image_size=64, progress=False)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -95,6 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                         "(default: both)")
     p.add_argument("--train-images", type=int, default=None)
     p.add_argument("--train-epochs", type=int, default=None)
+    p.add_argument("--train-image-size", type=int, default=None)
     p.add_argument("--checkpoint", default=None,
                    help="a jaxcam checkpoint directory (its arch replaces --models' archs)")
     p.add_argument("--out", default=None)
@@ -111,6 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         fd_coords=a.fd_coords, checkpoint=a.checkpoint, out=a.out, seed=a.seed,
         inits=tuple(dict.fromkeys(a.inits)) if a.inits else None,
         train_images=a.train_images, train_epochs=a.train_epochs,
+        train_image_size=a.train_image_size,
     ).items() if v is not None}
     if a.no_plots:
         updates["plots"] = False
@@ -118,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         updates["progress"] = False
     config = dataclasses.replace(base, **updates)
     for name in ("num_images", "image_size", "num_classes", "coords", "train_images",
-                 "train_epochs"):
+                 "train_epochs", "train_image_size"):
         if getattr(config, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if config.checkpoint is not None and not Path(config.checkpoint).exists():
@@ -131,10 +135,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                 f"--num-classes {config.num_classes}: the models trained here learn the "
                 f"synthetic lesion set's {synthetic.NUM_CLASSES} classes; use --inits random "
                 "for another class count.")
-    try:
-        synthetic.SyntheticConfig(image_size=config.image_size)
-    except ValueError as err:
-        raise SystemExit(f"--image-size {config.image_size}: {err}") from None
+    for flag, size in (("--image-size", config.image_size),
+                       ("--train-image-size", config.train_image_size)):
+        try:
+            synthetic.SyntheticConfig(image_size=size)
+        except ValueError as err:
+            raise SystemExit(f"{flag} {size}: {err}") from None
     for arch, _ in _parse_models(config.models):
         if arch not in ("resnet50", "vgg19", "efficientnet_b0"):
             raise SystemExit(f"--models: unknown architecture {arch!r}; use resnet50, vgg19 "
@@ -217,14 +223,14 @@ def _trained_variables(model, variables, config: Config, out_dir: Path):
     result = common.train_on_synthetic(
         model, variables, out_dir / "train" / model.arch, arch=model.arch,
         synthetic_config="default", num_train=config.train_images,
-        image_size=config.image_size, epochs=config.train_epochs,
+        image_size=config.train_image_size, epochs=config.train_epochs,
         batch_size=config.train_batch_size, learning_rate=config.learning_rate,
         seed=config.seed, cache_dir=str(out_dir / "train" / "tfds"), progress=config.progress)
     acc = result.history[-1].get("val_accuracy") if result.history else None
     acc_txt = "n/a" if acc is None else f"{acc:.1%}"
     note = (f"trained here {config.train_epochs} epoch(s) on {config.train_images} synthetic "
-            f"lesion images at {config.image_size} px; validation accuracy {acc_txt} "
-            f"(chance 25%)")
+            f"lesion images at {config.train_image_size} px; validation accuracy {acc_txt} "
+            f"(chance 25%); studied at {config.image_size} px")
     return result.variables, note, acc
 
 
@@ -232,16 +238,33 @@ def _trained_variables(model, variables, config: Config, out_dir: Path):
 
 
 def _timed(fn, *args):
+    """(fn(*args), seconds of that one call without compilation). ``fn`` is jitted:
+    compiled ahead of time, then run once (not run twice to warm up: several engines take
+    seconds per call on a CPU)."""
     import jax
 
-    jax.block_until_ready(fn(*args))  # compile
+    compiled = fn.lower(*args).compile()
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(compiled(*args))
     return out, time.perf_counter() - t0
 
 
-def _finite_differences(model, variables, A, layer, target, cls, coords, h_rel):
-    """taylor (float64) vs float64 central differences at ``coords`` of image 0."""
+FD_STEPS = 2.0 ** -np.arange(0, 26)  # candidate steps, 1 down to 3e-8 (times max(|A_i|, 1))
+
+
+def _finite_differences(model, variables, A, layer, targets, cls, coords):
+    """taylor (float64) vs float64 central finite differences at ``coords`` of image 0.
+
+    The step is chosen per coordinate and order, not fixed: central differences are
+    evaluated for every step in ``FD_STEPS`` and the estimate where two successive
+    steps agree best (relative difference) is kept: the plateau between truncation or
+    kink crossing at large steps and round-off at small ones. A fixed or scale-derived
+    step fails both ways here: through ReLU heads a large step crosses kinks (the
+    pieces are linear, so the stencil sees a corner), and where the score is near 0 a
+    scale-derived step collapses into round-off. The logits of all perturbed points
+    come from one batched head call per coordinate; every target is then a function
+    of those logits. Returns ``{target: [stats of D1, D2, D3]}``.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -253,24 +276,44 @@ def _finite_differences(model, variables, A, layer, target, cls, coords, h_rel):
     try:
         v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
         A64 = jnp.asarray(A[:1], jnp.float64)
-        phi = targets_lib.get_target(target)
         c = jnp.asarray(cls[:1])
-        f = partial(jax.jit(lambda v, a: jax.vmap(phi)(model.head(v, a, layer), c)), v64)
-        exact = deriv.taylor_derivatives_at(f, A64, jnp.asarray(coords))
-        f0 = abs(float(f(A64)[0]))
-        fd = []
-        for j, idx in enumerate(np.asarray(coords)):
-            # step from the function's own scale along this coordinate: the t at which
-            # the n-th Taylor term would match |f|; 2e-3 of it balances the O(h^4)
-            # truncation against float64 round-off in the third derivative
-            scales = [(f0 / abs(float(exact[n][0, j]))) ** (1 / (n + 1)) for n in range(3)
-                      if float(exact[n][0, j]) != 0 and f0 > 0]
-            h = h_rel * (min(scales) if scales else 1.0)
-            e = jnp.zeros(A64[0].size, jnp.float64).at[int(idx)].set(1.0).reshape(A64.shape)
-            vals = {k: float(f(A64 + k * h * e)[0]) for k in range(-3, 4)}
-            fd.append(central_differences(vals, h))
-        fd = np.array(fd).T  # (3, n)
-        return [error_stats(fd[n][None], np.asarray(exact[n])) for n in range(3)]
+        head = jax.jit(lambda v, a: model.head(v, a, layer))
+        offsets = np.arange(-3, 4)
+        phis = {t: jax.jit(jax.vmap(targets_lib.get_target(t), in_axes=(0, None)))
+                for t in targets}
+        fd = {t: [] for t in targets}
+        flat = np.asarray(A64[0]).ravel()
+        for idx in np.asarray(coords):
+            steps = FD_STEPS * max(abs(float(flat[int(idx)])), 1.0)
+            t = (steps[:, None] * offsets[None, :]).ravel()  # (S * 7,)
+            pts = jnp.broadcast_to(A64, (t.size, *A64.shape[1:]))
+            pts = pts.reshape(t.size, -1).at[:, int(idx)].add(jnp.asarray(t)).reshape(
+                (t.size, *A64.shape[1:]))
+            logits = head(v64, pts)
+            for name in targets:
+                g = np.asarray(phis[name](logits, c[0])).reshape(len(steps), 7)
+                est = np.array([central_differences(dict(zip(offsets.tolist(), row,
+                                                             strict=True)), h)
+                                for row, h in zip(g, steps, strict=True)])  # (S, 3)
+                # relative agreement of successive steps; a step too small to move the
+                # score in float64 (all 7 values equal) resolves nothing, whatever it
+                # "agrees" with
+                scale = np.maximum(np.abs(est[:-1]), np.abs(est[1:]))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    gap = np.abs(np.diff(est, axis=0)) / scale  # (S - 1, 3)
+                moved = np.ptp(g, axis=1) > 0
+                gap[~(moved[:-1] & moved[1:])] = np.inf
+                best = np.argmin(np.where(np.isfinite(gap), gap, np.inf), axis=0)
+                fd[name].append([est[best[n] + 1, n] for n in range(3)])
+        out = {}
+        for name in targets:
+            phi = targets_lib.get_target(name)
+            f = partial(jax.jit(lambda v, a, phi=phi: jax.vmap(phi)(model.head(v, a, layer), c)),
+                        v64)
+            exact = deriv.taylor_derivatives_at(f, A64, jnp.asarray(coords))
+            got = np.array(fd[name]).T  # (3, n)
+            out[name] = [error_stats(got[n][None], np.asarray(exact[n])) for n in range(3)]
+        return out
     finally:
         jax.config.update("jax_enable_x64", previous)
 
@@ -313,6 +356,7 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
         methods.weighted_map(A, methods.gradcam_weights(g)), x.shape[1:3]))[0])
 
     shared: dict[str, Any] = {}
+    fd_all = None  # finite differences of every target, computed once per layer
     for target in config.targets:
         phi = targets_lib.get_target(target)
         f_of = lambda v, phi=phi: (lambda a: jax.vmap(phi)(model.head(v, a, layer), cls))
@@ -346,12 +390,20 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
                 "alpha": error_stats(alpha_at(at[1], at[2]), alpha_truth),
             }
         if config.fd_coords:
-            try:
-                fd = _finite_differences(model, variables, A, layer, target, np.asarray(cls),
-                                         coords[: config.fd_coords], 2e-3)
-                row["finite_differences"] = {f"D{n + 1}": fd[n] for n in range(3)}
-            except Exception as err:  # noqa: BLE001 - reported, not hidden
-                row["finite_differences"] = {"error": f"{type(err).__name__}: {err}"}
+            if fd_all is None:
+                try:
+                    # exact zeros of a rectified layer sit on kinks of what follows (a
+                    # max-pool window of zeros is a tie: one-sided slopes 1 and 0, central
+                    # differences 1/2, autodiff picks one): check differentiable points
+                    nonzero = coords[np.asarray(A[0]).ravel()[coords] != 0]
+                    fd_all = _finite_differences(model, variables, A, layer, config.targets,
+                                                 np.asarray(cls), nonzero[: config.fd_coords])
+                except Exception as err:  # noqa: BLE001 - reported, not hidden
+                    fd_all = {"error": f"{type(err).__name__}: {err}"}
+            if "error" in fd_all:
+                row["finite_differences"] = dict(fd_all)
+            else:
+                row["finite_differences"] = {f"D{n + 1}": fd_all[target][n] for n in range(3)}
         exact = full.get("factored")
         if exact is None:
             fn = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives(f_of(v), a))
@@ -372,6 +424,20 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
     return out
 
 
+def _enable_compilation_cache(directory: Path) -> None:
+    """JAX's persistent compilation cache in ``directory``. The study compiles the same
+    programs for every init of a model (the variables are arguments, not constants), and
+    compiling, not computing, dominates its time on a CPU: with the cache the second init
+    and a rerun reuse the first one's executables. Left as it is if the caller set one."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run(config: Config) -> dict[str, Any]:
     import jax
 
@@ -379,13 +445,16 @@ def run(config: Config) -> dict[str, Any]:
 
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _enable_compilation_cache(out_dir / "xla_cache")
     x = jax.numpy.asarray(_images(config.num_images, config.image_size, config.seed))
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "models": []}
     done: dict[tuple[str, str], Any] = {}
     partial_file = out_dir / "results.json"
     if partial_file.exists():  # resume: keep finished layers of a run with the same config
         previous = json.loads(partial_file.read_text())
-        if previous.get("config") == json.loads(json.dumps(results["config"])):
+        # which inits are studied, plots and progress bars do not change a row's numbers
+        same = lambda c: {k: v for k, v in c.items() if k not in ("inits", "plots", "progress")}
+        if same(previous.get("config", {})) == same(json.loads(json.dumps(results["config"]))):
             done = {(m["arch"], m["layer"], m["init"]): m for m in previous["models"]}
             results["training"] = previous.get("training", {})
     specs = _parse_models(config.models)

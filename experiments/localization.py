@@ -57,9 +57,9 @@ class LocalizationConfig:
     checkpoint: str | None = None
     arch: str = "resnet50"
     layer: str | None = None
-    image_size: int = 128
-    num_train: int = 2000
-    epochs: int = 3
+    image_size: int = 96
+    num_train: int = 600
+    epochs: int = 2
     batch_size: int = 16
     learning_rate: float = 2e-3
     num_images: int = 200
@@ -76,8 +76,9 @@ class LocalizationConfig:
     progress: bool = True
 
 
-TINY: dict[str, Any] = dict(image_size=64, num_train=16, epochs=0, batch_size=4, num_images=4,
-                            num_figures=2)
+# layer4 explicitly: the identity tests (Grad-CAM == CAM) need both at the GAP layer
+TINY: dict[str, Any] = dict(image_size=64, layer="layer4", num_train=16, epochs=0, batch_size=4,
+                            num_images=4, num_figures=2)
 
 _HELP = {
     "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model; "
@@ -237,18 +238,24 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
     from tqdm.auto import tqdm
 
     import jaxcam
+    from experiments import common
     from jaxcam import metrics
     from jaxcam.preprocessing import normalize
 
-    layer = model.resolve_layer(config.layer)
-    labels_avail = list(METHOD_LABELS)
+    layer = common.explained_layer(model, variables, prep.image_size, config.layer)
+    method_layers = {lab: layer for lab in METHOD_LABELS}
     skipped = {}
-    if model.linear_head(variables, layer) is None:
-        labels_avail.remove("CAM")
-        skipped["CAM"] = f"{model.arch} has no global-average-pool + dense head at {layer}"
-    groups: dict[str, list[str]] = {}
-    for lab in labels_avail:
-        groups.setdefault(METHOD_LABELS[lab][1], []).append(lab)
+    if model.linear_head(variables, layer) is None:  # CAM exists only at a GAP + dense head
+        if model.linear_head(variables, model.default_layer) is not None:
+            method_layers["CAM"] = model.default_layer
+        else:
+            del method_layers["CAM"]
+            skipped["CAM"] = (f"{model.arch} has no global-average-pool + dense head at "
+                              f"{layer} or {model.default_layer}")
+    # one explain call per (derivatives, layer): methods in a call share the forward pass
+    groups: dict[tuple[str, str], list[str]] = {}
+    for lab, at in method_layers.items():
+        groups.setdefault((METHOD_LABELS[lab][1], at), []).append(lab)
 
     n, s = len(labels), images_u8.shape[1]
     max_inst = int(ids.max()) if ids.size else 1
@@ -290,9 +297,9 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
         batch_maps: dict[str, np.ndarray] = {}
         batch_pred = None
         t0 = time.perf_counter()
-        for derivatives, labs in groups.items():
+        for (derivatives, at), labs in groups.items():
             names = [METHOD_LABELS[lab][0] for lab in labs]
-            exs = jaxcam.explain(model, variables, x, method=names, layer=layer,
+            exs = jaxcam.explain(model, variables, x, method=names, layer=at,
                                  class_idx=cls, derivatives=derivatives)
             first = exs[names[0]]
             if cls is None:
@@ -301,7 +308,8 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
                 batch_pred = np.asarray(jnp.argmax(first.logits, -1))[:k]
             for lab, name in zip(labs, names, strict=True):
                 batch_maps[lab] = np.asarray(exs[name].maps)
-                raw_shape = exs[name].raw.shape[1:]
+                if at == layer:
+                    raw_shape = exs[name].raw.shape[1:]
         preds.append(batch_pred)
         batch_maps[RANDOM_LABEL] = smooth_random_maps(rng, bs, raw_shape, s)
         t_explain += time.perf_counter() - t0
@@ -320,6 +328,7 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
     arrays = {lab: {key: np.concatenate(v) for key, v in per[lab].items()} for lab in order}
     summary = summarize(arrays, config.energy_share)
     extras = dict(pred=np.concatenate(preds), maps=maps_keep, skipped=skipped, layer=layer,
+                  method_layers=method_layers,
                   raw_shape=tuple(int(v) for v in raw_shape),
                   seconds_explain=t_explain, seconds_metrics=t_metrics)
     return summary, arrays, extras
@@ -462,6 +471,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"image. All numbers in %.\n\n"
     )
     skipped = "".join(f"\n- {k} skipped: {v}." for k, v in extras["skipped"].items())
+    skipped += "".join(f"\n- {k} is computed at `{at}`, the global-average-pool + dense layer "
+                       "(CAM exists only there)." for k, at in extras["method_layers"].items()
+                       if at != extras["layer"])
+    if config.layer is None and extras["layer"] != model.default_layer:
+        skipped += (f"\n- Layer `{extras['layer']}`, not the default `{model.default_layer}`: "
+                    f"at {prep.image_size} px the default's map is coarser than 4x4 "
+                    "(`--layer` chooses).")
     command = "python -m experiments.localization " + " ".join(argv if argv is not None
                                                                else sys.argv[1:])
     (out / "localization.md").write_text(
@@ -469,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "config": dataclasses.asdict(config),
         "model": {"arch": model.arch, "layer": extras["layer"], "source": source,
+                  "method_layers": extras["method_layers"],
                   "map_shape": list(extras["raw_shape"]), "image_size": prep.image_size},
         "accuracy": accuracy,
         "methods": summary,
