@@ -35,13 +35,11 @@ from typing import Any
 
 import numpy as np
 
-# label -> (jaxcam method, derivatives for Grad-CAM++)
+from experiments import common
+
+# label -> (jaxcam method, derivatives): the experiments' methods plus HiResCAM, LayerCAM
 METHOD_LABELS: dict[str, tuple[str, str]] = {
-    "Grad-CAM": ("gradcam", "exact"),
-    "Grad-CAM++ (exact)": ("gradcam++", "exact"),
-    "Grad-CAM++ (closed form)": ("gradcam++", "closed_form"),
-    "XGrad-CAM": ("xgradcam", "exact"),
-    "CAM": ("cam", "exact"),
+    **common.METHOD_LABELS,
     "HiResCAM": ("hirescam", "exact"),
     "LayerCAM": ("layercam", "exact"),
 }
@@ -185,8 +183,6 @@ def get_model(config: LocalizationConfig, out: Path):
 
 def train_on_multi(config: LocalizationConfig, model, variables, out: Path):
     """Train on the ``multi`` synthetic configuration (experiments.common.train_on_synthetic)."""
-    from experiments import common
-
     return common.train_on_synthetic(
         model, variables, out, arch=config.arch, synthetic_config="multi",
         num_train=config.num_train, image_size=config.image_size, epochs=config.epochs,
@@ -238,7 +234,6 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
     from tqdm.auto import tqdm
 
     import jaxcam
-    from experiments import common
     from jaxcam import metrics
     from jaxcam.preprocessing import normalize
 
