@@ -396,6 +396,9 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
                     # max-pool window of zeros is a tie: one-sided slopes 1 and 0, central
                     # differences 1/2, autodiff picks one): check differentiable points
                     nonzero = coords[np.asarray(A[0]).ravel()[coords] != 0]
+                    if nonzero.size == 0:
+                        raise ValueError("every sampled activation of image 0 is exactly 0 "
+                                         "(dead units): no differentiable point to check")
                     fd_all = _finite_differences(model, variables, A, layer, config.targets,
                                                  np.asarray(cls), nonzero[: config.fd_coords])
                 except Exception as err:  # noqa: BLE001 - reported, not hidden
