@@ -116,7 +116,7 @@ def scale_signed(values) -> np.ndarray:
     """A signed map divided by its largest magnitude: ``m / max|m|`` in ``[-1, 1]``.
 
     An all-zero map stays zero. Zero keeps its meaning (no evidence either way),
-    which a min-max rescaling would destroy.
+    which a min-max rescaling would destroy. Subnormal values may underflow to 0.
     """
     arr = _check_map(values)
     peak = np.max(np.abs(arr)) if arr.size else 0.0

@@ -117,7 +117,9 @@ def test_signed_map_range_is_checked():
 
 
 @settings(max_examples=20, deadline=None)
-@given(arrays(np.float64, (3, 4), elements=st.floats(-1e3, 1e3)))
+# subnormal inputs excluded: m / max|m| of a subnormal m underflows to 0 in IEEE
+# arithmetic (5e-324 / 2 == 0), which no division-based scaling can avoid
+@given(arrays(np.float64, (3, 4), elements=st.floats(-1e3, 1e3, allow_subnormal=False)))
 def test_scale_signed_keeps_signs_and_ratios(m):
     s = viz.scale_signed(m)
     peak = np.abs(m).max()
