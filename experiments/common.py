@@ -394,15 +394,17 @@ def explained_layer(model, variables, image_size: int, layer: str | None) -> str
                 model.default_layer)
 
 
-def available_methods(spec: ExperimentSpec, model, variables,
-                      layer: str) -> tuple[dict[str, str], dict[str, str]]:
-    """``{method label: layer it runs at}`` and ``{skipped label: why}``. Every method runs
-    at ``layer`` except CAM, which exists only at a global-average-pool + dense head: at
-    ``layer`` if that is one, else at the model's default layer if that is one."""
+def available_methods(labels: Sequence[str], model, variables, layer: str,
+                      method_labels: dict[str, tuple[str, str]] = METHOD_LABELS,
+                      ) -> tuple[dict[str, str], dict[str, str]]:
+    """``{method label: layer it runs at}`` and ``{skipped label: why}`` for ``labels``
+    (keys of ``method_labels``). Every method runs at ``layer`` except CAM, which exists
+    only at a global-average-pool + dense head: at ``layer`` if that is one, else at the
+    model's default layer if that is one."""
     skipped: dict[str, str] = {}
     methods: dict[str, str] = {}
-    for label in spec.methods:
-        name, _ = METHOD_LABELS[label]
+    for label in labels:
+        name, _ = method_labels[label]
         if name == "cam" and model.linear_head(variables, layer) is None:
             if model.linear_head(variables, model.default_layer) is not None:
                 methods[label] = model.default_layer
@@ -425,7 +427,7 @@ def explain_test_set(config, spec, model, variables, source, predict_fn,
     import jaxcam.data as jdata
     from jaxcam.preprocessing import denormalize
 
-    methods, skipped = available_methods(spec, model, variables, layer)
+    methods, skipped = available_methods(spec.methods, model, variables, layer)
     # one explain call per (derivatives, layer): methods in a call share the forward pass
     groups: dict[tuple[str, str], list[str]] = {}
     for label, at in methods.items():

@@ -238,15 +238,8 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
     from jaxcam.preprocessing import normalize
 
     layer = common.explained_layer(model, variables, prep.image_size, config.layer)
-    method_layers = {lab: layer for lab in METHOD_LABELS}
-    skipped = {}
-    if model.linear_head(variables, layer) is None:  # CAM exists only at a GAP + dense head
-        if model.linear_head(variables, model.default_layer) is not None:
-            method_layers["CAM"] = model.default_layer
-        else:
-            del method_layers["CAM"]
-            skipped["CAM"] = (f"{model.arch} has no global-average-pool + dense head at "
-                              f"{layer} or {model.default_layer}")
+    method_layers, skipped = common.available_methods(METHOD_LABELS, model, variables, layer,
+                                                      METHOD_LABELS)
     # one explain call per (derivatives, layer): methods in a call share the forward pass
     groups: dict[tuple[str, str], list[str]] = {}
     for lab, at in method_layers.items():

@@ -93,14 +93,16 @@ def test_explained_layer_is_the_default_unless_its_map_is_coarser_than_4x4():
     assert common.explained_layer(model, variables, 96, None) == "layer3"
     assert common.explained_layer(model, variables, 64, "layer4.1") == "layer4.1"
     # CAM moves to the GAP + dense layer; every other method stays at the explained layer
-    methods, skipped = common.available_methods(ham10000.SPEC, model, variables, "layer3")
+    methods, skipped = common.available_methods(ham10000.SPEC.methods, model, variables,
+                                                 "layer3")
     assert methods == {label: ("layer4" if label == "CAM" else "layer3")
                        for label in ham10000.SPEC.methods}
     assert skipped == {}
     vgg = jaxcam.models.vgg19(num_classes=4)
     v_vgg = jax.eval_shape(lambda: vgg.init(jax.random.PRNGKey(0), image_size=64))
     assert common.explained_layer(vgg, v_vgg, 64, None) == "features.35"  # 4x4 at 64 px
-    methods, skipped = common.available_methods(ham10000.SPEC, vgg, v_vgg, "features.35")
+    methods, skipped = common.available_methods(ham10000.SPEC.methods, vgg, v_vgg,
+                                                 "features.35")
     assert "CAM" not in methods and "global-average-pool + dense" in skipped["CAM"]
 
 
