@@ -6,9 +6,10 @@ derivatives (one number per activation), which plain reverse mode does not
 give. Four engines, compared in ``docs/derivatives.md``:
 
 - ``taylor``: exact for any head. Per coordinate ``i`` the restriction
-  ``t -> f(A + t e_i)`` is pushed through ``jax.experimental.jet`` (nested
-  ``jax.jvp`` where jet has no rule: ``jax.nn.relu``'s custom_jvp, max-pool),
-  ``vmap``-batched over coordinates in chunks (``jax.lax.map(batch_size=...)``)
+  ``t -> f(A + t e_i)`` is pushed through Taylor mode with symbolic zero
+  terms (:func:`jaxcam.series.line_derivatives`: ``jet``'s rules, but only the
+  nonzero terms cross linear layers; nested ``jax.jvp`` for primitives jet has
+  no rule for), ``vmap``-batched over coordinates in chunks (``jax.lax.map(batch_size=...)``)
   so that memory is bounded. Cost: ``N = h*w*K`` head evaluations.
 - ``factored``: exact when the head is piecewise linear at ``A``
   (``S(A + t e_i) = S + t J_i``, ``J = dS/dA``): ``D_n,i = d^n/dt^n phi(S + t J_i)``.
@@ -38,9 +39,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import jet
 
 from jaxcam import targets as targets_lib
+from jaxcam.series import line_derivatives
 
 ENGINES: tuple[str, ...] = ("auto", "taylor", "factored", "closed_form", "nested_sum")
 
@@ -55,20 +56,9 @@ HeadFn = Callable[[jax.Array], jax.Array]
 # --------------------------------------------------------------------------- series
 
 
-def _jet_series(fun: Callable, x: jax.Array, e: jax.Array):
-    """``(d1, d2, d3)`` of ``t -> fun(x + t e)`` at 0 via one Taylor-mode pass.
-
-    jax's ``jet`` takes and returns derivative coefficients (not divided by
-    k!): input series ``(e, 0, 0)`` is the line ``x + t e``.
-    """
-    zero = jnp.zeros_like(x)
-    _, (d1, d2, d3) = jet.jet(fun, (x,), ((e, zero, zero),))
-    return d1, d2, d3
-
-
 def _jvp_series(fun: Callable, x: jax.Array, e: jax.Array):
-    """Same as :func:`_jet_series` by nested forward mode (works for every primitive
-    with a JVP rule, including ``custom_jvp`` functions and max-pooling)."""
+    """``(d1, d2, d3)`` of ``t -> fun(x + t e)`` at 0 by nested forward mode (the
+    certificate's check; :func:`jaxcam.series.line_derivatives` is the fast path)."""
 
     def first(a):
         return jax.jvp(fun, (a,), (e,))[1]
@@ -78,20 +68,6 @@ def _jvp_series(fun: Callable, x: jax.Array, e: jax.Array):
 
     (d1, d2), (_, d3) = jax.jvp(first_second, (x,), (e,))
     return d1, d2, d3
-
-
-def _pick_series(fun: Callable, x: jax.Array, e: jax.Array) -> Callable:
-    """``jet`` where it traces (fastest), nested ``jvp`` otherwise.
-
-    jet raises at trace time on primitives without a rule (reduce_window_max)
-    and on custom_jvp functions such as ``jax.nn.relu``; tracing once with
-    ``eval_shape`` finds out before the real work.
-    """
-    try:
-        jax.eval_shape(lambda a, v: _jet_series(fun, a, v), x, e)
-    except Exception:  # noqa: BLE001 - any jet failure means: use the jvp fallback
-        return _jvp_series
-    return _jet_series
 
 
 def _auto_chunk(per_item_elements: int, total: int, chunk_size: int | None) -> int:
@@ -145,10 +121,8 @@ def taylor_derivatives_at(
         e = jax.nn.one_hot(idx, n, dtype=A.dtype).reshape(coord_shape)
         return jnp.broadcast_to(e, A.shape)
 
-    series = _pick_series(f, A, direction(0))
-
     def one(idx):
-        return jnp.stack(series(f, A, direction(idx)))  # (3, B)
+        return jnp.stack(line_derivatives(f, A, direction(idx)))  # (3, B)
 
     out = jax.lax.map(one, coordinates, batch_size=chunk)  # (n, 3, B)
     out = jnp.moveaxis(out, 0, -1)  # (3, B, n)
@@ -289,10 +263,8 @@ def _factored_callable(logits, vjp_fn, A, target, class_idx, chunk_size) -> Deri
 
     def per_image(s, c, Jb):
         fun = lambda z: phi(z, c)
-        series = _pick_series(fun, s, Jb[0])
-
         def one(v):
-            return jnp.stack(series(fun, s, v))
+            return jnp.stack(line_derivatives(fun, s, v))
 
         return jax.lax.map(one, Jb, batch_size=chunk)  # (N, 3)
 
