@@ -443,3 +443,36 @@ def test_stochastic_train_mode_requires_rng(built):
     model, variables, x = built["efficientnet_b0"]
     with pytest.raises(ValueError, match=r"pass rng=jax.random.key\(...\)"):
         model.apply(variables, x, train=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(size=st.integers(3, 12), channels=st.integers(1, 6), kernel=st.sampled_from([3, 5]),
+       stride=st.sampled_from([1, 2]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_depthwise_conv_equals_grouped_nn_conv(size, channels, kernel, stride, bias, seed):
+    """DepthwiseConv (shifted slices) is torchvision's Conv2d(C, C, k, groups=C): same
+    parameter tree, same initial values, same outputs as Flax's grouped convolution."""
+    import flax.linen as nn
+
+    from jaxcam.models.base import DepthwiseConv, conv, conv_init
+
+    pad = kernel // 2
+    ref = nn.Conv(channels, (kernel, kernel), strides=(stride, stride),
+                  padding=((pad, pad), (pad, pad)), feature_group_count=channels,
+                  use_bias=bias, kernel_init=conv_init)
+    ours = conv(channels, kernel, "dw", stride=stride, groups=channels, bias=bias)
+    assert isinstance(ours, DepthwiseConv) or channels == 1
+    ours = DepthwiseConv(channels, kernel, stride=stride, padding=pad, use_bias=bias)
+    x = jax.random.normal(jax.random.key(seed), (2, size, size + 1, channels))
+    v_ref, v_ours = ref.init(jax.random.key(seed + 1), x), ours.init(jax.random.key(seed + 1), x)
+    assert jax.tree.map(jnp.shape, v_ref) == jax.tree.map(jnp.shape, v_ours)
+    np.testing.assert_array_equal(v_ref["params"]["kernel"], v_ours["params"]["kernel"])
+    if bias:
+        v_ref = {"params": dict(v_ref["params"], bias=jnp.linspace(-1, 1, channels))}
+    np.testing.assert_allclose(ours.apply(v_ref, x), ref.apply(v_ref, x), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_rejects_a_channel_mismatch():
+    from jaxcam.models.base import DepthwiseConv
+
+    with pytest.raises(ValueError, match="keeps the channel count"):
+        DepthwiseConv(4, 3, padding=1).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))

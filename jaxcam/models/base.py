@@ -58,8 +58,12 @@ def conv(
     padding: int | None = None,
 ) -> nn.Conv:
     """torchvision's Conv2d with symmetric padding `k // 2` (not "SAME", which
-    pads asymmetrically at stride 2)."""
+    pads asymmetrically at stride 2). Depthwise convolutions (`groups ==
+    features`) are :class:`DepthwiseConv`, same parameters."""
     pad = kernel // 2 if padding is None else padding
+    if groups > 1 and groups == features:
+        return DepthwiseConv(features, kernel, stride=stride, padding=pad, use_bias=bias,
+                             name=name)
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -70,6 +74,50 @@ def conv(
         kernel_init=conv_init,
         name=name,
     )
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise 2-D convolution (torchvision ``Conv2d(C, C, k, groups=C)``), written
+    as a sum of ``k*k`` strided shifted slices times per-channel weights.
+
+    ``y[b, i, j, c] = sum_{p,q} x_pad[b, s*i + p, s*j + q, c] * kernel[p, q, 0, c]``
+    (+ ``bias[c]``). Same parameters (``kernel`` ``(k, k, 1, C)``, HWIO) and the
+    same numbers as ``nn.Conv(feature_group_count=C)`` up to float rounding
+    (``tests/test_models.py``), but XLA:CPU lowers grouped convolutions 6-40x
+    slower than these fused elementwise ops (measured on this project's CPU,
+    ``docs/performance.md``); all ops are linear, so Taylor mode stays exact.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k, s, p, c = self.kernel_size, self.stride, self.padding, self.features
+        if x.shape[-1] != c:
+            raise ValueError(
+                f"DepthwiseConv {self.name!r} has {c} channels but its input has "
+                f"{x.shape[-1]}; a depthwise convolution keeps the channel count."
+            )
+        kernel = self.param("kernel", conv_init, (k, k, 1, c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32) \
+            if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)  # as nn.Conv does
+        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        h_out = (x.shape[1] + 2 * p - k) // s + 1
+        w_out = (x.shape[2] + 2 * p - k) // s + 1
+        y = None
+        for i in range(k):
+            for j in range(k):
+                tap = jax.lax.slice(
+                    xp, (0, i, j, 0), (xp.shape[0], i + s * (h_out - 1) + 1,
+                                       j + s * (w_out - 1) + 1, c), (1, s, s, 1)
+                ) * kernel[i, j, 0]
+                y = tap if y is None else y + tap
+        return y if bias is None else y + bias
 
 
 def global_average_pool(x: Array) -> Array:
