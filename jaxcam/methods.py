@@ -181,15 +181,50 @@ def scorecam_weights(
     channels of those scores, as in the authors' code. ``batch_size`` channels
     are scored per vectorised chunk (``batch_size * B`` forward passes held in
     memory at once).
+
+    Dead channels are not re-scored: a channel that is zero everywhere (common
+    after a ReLU) upsamples to exactly zero, so its masked input is the zero
+    image, whose score ``score_fn(0)`` is computed once. Channels are ordered
+    per image with the dead ones last, and a chunk in which every channel of
+    every image is dead is skipped (``lax.cond``); the weights are the same as
+    scoring every channel (``tests/test_methods.py``).
     """
     batch, _, _, channels = A.shape
     size = images.shape[1:3]
     masks = jnp.moveaxis(A, -1, 0)  # (K, B, h, w)
+    dead = jnp.all(masks == 0, axis=(2, 3))  # (K, B)
+    zero_score = score_fn(jnp.zeros_like(images))  # (B,): the input of every dead channel
 
     def one(mask):  # (B, h, w) -> (B,)
         up = upsample(mask, size)
         m, _ = normalize_maps(up)
         return score_fn(images * m[..., None])
 
-    scores = jax.lax.map(one, masks, batch_size=min(int(batch_size), channels))  # (K, B)
+    chunk = min(int(batch_size), channels)
+    n_chunks = -(-channels // chunk)
+    pad = n_chunks * chunk - channels
+    order = jnp.argsort(dead, axis=0, stable=True)  # (K, B): live channels first
+    live_sorted = jnp.pad(~jnp.take_along_axis(dead, order, axis=0), ((0, pad), (0, 0)))
+    masks_sorted = jnp.pad(jnp.take_along_axis(masks, order[:, :, None, None], axis=0),
+                           ((0, pad), (0, 0), (0, 0), (0, 0)))
+
+    def body(_, xs):
+        m, live = xs  # (chunk, B, h, w), (chunk, B)
+        scores = jax.lax.cond(
+            jnp.any(live),
+            lambda m: jax.vmap(one)(m),
+            lambda m: jnp.broadcast_to(zero_score, (chunk, batch)).astype(zero_score.dtype),
+            m,
+        )
+        return None, scores
+
+    _, sorted_scores = jax.lax.scan(
+        body, None,
+        (masks_sorted.reshape((n_chunks, chunk) + masks.shape[1:]),
+         live_sorted.reshape(n_chunks, chunk, batch)),
+    )
+    sorted_scores = sorted_scores.reshape(n_chunks * chunk, batch)[:channels]
+    scores = jnp.zeros_like(sorted_scores).at[order, jnp.arange(batch)[None, :]].set(
+        sorted_scores)
+    scores = jnp.where(dead, zero_score[None, :], scores)  # (K, B)
     return jax.nn.softmax(scores.T, axis=-1)

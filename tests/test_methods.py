@@ -147,3 +147,33 @@ def test_scorecam_weights_match_a_loop_reference():
     for batch_size in (1, 4, K):
         got = methods.scorecam_weights(A, images, score_fn, batch_size=batch_size)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, K])
+def test_scorecam_dead_channels_give_the_same_weights_and_are_not_rescored(batch_size):
+    """Channels that are zero everywhere (dead after a ReLU) score the zero image:
+    computed once, chunks of dead channels skipped; the weights equal a reference
+    that scores every channel (here: a plain loop over channels)."""
+    A = _relu_acts(12)
+    A = A.at[:, :, :, 1].set(0.0).at[0, :, :, 3].set(0.0).at[:, :, :, K - 1].set(0.0)
+    images = jax.random.uniform(jax.random.PRNGKey(13), (B, 10, 8, 3))
+    v = jax.random.normal(jax.random.PRNGKey(14), (10, 8, 3))
+    calls = []
+
+    def score_fn(x):
+        jax.debug.callback(lambda n: calls.append(int(n)), x.shape[0])
+        return jnp.einsum("bhwc,hwc->b", x, v) + 0.5
+
+    expected = []
+    for k in range(K):
+        up = methods.upsample(A[..., k], (10, 8))
+        m, _ = methods.normalize_maps(up)
+        expected.append(jnp.einsum("bhwc,hwc->b", images * m[..., None], v) + 0.5)
+    expected = jax.nn.softmax(jnp.stack(expected).T, axis=-1)
+    got = methods.scorecam_weights(A, images, score_fn, batch_size=batch_size)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    # Live channels per image: 4 and 3 (channel 3 is dead in image 0 only), sorted
+    # first; a chunk is skipped when it holds no live channel of any image. The
+    # callback runs once per scored chunk (vmapped) plus once for score_fn(0).
+    max_live = K - 2
+    assert len(calls) == 1 + -(-max_live // batch_size)
