@@ -213,7 +213,7 @@ def scorecam_weights(
         scores = jax.lax.cond(
             jnp.any(live),
             lambda m: jax.vmap(one)(m),
-            lambda m: jnp.broadcast_to(zero_score, (chunk, batch)).astype(zero_score.dtype),
+            lambda m: jnp.broadcast_to(zero_score, (chunk, batch)),
             m,
         )
         return None, scores
