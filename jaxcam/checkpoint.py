@@ -31,7 +31,6 @@ import numpy as np
 
 from jaxcam.loading import CHECKPOINT_HINT, LoadedModel
 from jaxcam.preprocessing import Preprocessing
-from jaxcam.weights import abstract_variables
 
 METADATA_FILE = "jaxcam.json"
 VARIABLES_DIR = "variables"
@@ -48,7 +47,7 @@ def _plain(tree: Any) -> Any:
 
 def _check_variables(model: Any, variables: Any) -> dict[str, Any]:
     """Plain-dict numpy copy of ``variables``; ValueError if it is not ``model``'s tree."""
-    expected = abstract_variables(model)
+    expected = model.abstract_variables()
     got = _plain(variables)
     want_paths = {
         jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(expected)
@@ -207,7 +206,7 @@ def restore(directory: str | os.PathLike) -> LoadedModel:
     directory = Path(directory)
     meta = read_metadata(directory)
     model = models.get(meta["arch"], num_classes=int(meta["num_classes"]))
-    abstract = abstract_variables(model)
+    abstract = model.abstract_variables()
     saved = set(meta.get("collections", abstract))
     if saved != set(abstract):
         raise ValueError(

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import re
 import warnings
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,29 +326,6 @@ def infer_num_classes(state_dict: StateDict, arch: str) -> int | None:
     return int(weight.shape[0])
 
 
-_ABSTRACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def abstract_variables(model: Any) -> dict[str, Any]:
-    """``model``'s variable tree as ``jax.ShapeDtypeStruct`` leaves, in plain dicts.
-
-    ``jax.eval_shape`` of ``model.init``: structure, shapes and dtypes, nothing
-    computed or compiled. Cached per model instance (a fresh copy of the dicts
-    is returned each time).
-    """
-    try:
-        shapes = _ABSTRACT.get(model)
-    except TypeError:  # an unhashable model: no caching
-        shapes = None
-    if shapes is None:
-        shapes = jax.eval_shape(lambda key: model.init(key, image_size=64), jax.random.key(0))
-        try:
-            _ABSTRACT[model] = shapes
-        except TypeError:
-            pass
-    return _to_mutable(shapes)
-
-
 def match_state_dict(
     state_dict: StateDict, model: Any, abstract: Mapping[str, Any] | None = None
 ) -> MatchReport:
@@ -358,7 +334,7 @@ def match_state_dict(
     ``abstract``: the model's variable tree (shapes only), if already computed.
     """
     if abstract is None:
-        abstract = abstract_variables(model)
+        abstract = model.abstract_variables()
     expected: dict[str, tuple[int, ...]] = {}
     for collection, tree in abstract.items():
         for path, leaf in _leaves(tree):
@@ -521,7 +497,7 @@ def load_torchvision(
     if num_classes is None:
         num_classes = inferred if inferred is not None else 1000
     model = models.get(arch, num_classes=int(num_classes))
-    abstract = abstract_variables(model)
+    abstract = model.abstract_variables()
     report = match_state_dict(state_dict, model, abstract)
     if not report.ok and strict:
         raise WeightsMismatchError(_mismatch_message(report, source), report)

@@ -366,15 +366,30 @@ class Model:
         i = self._stage_index(layer)
         return self.module.apply(variables, x, train=False, start=0, stop=i + 1)
 
-    def head(self, variables: Variables, a: Array, layer: str | None = None) -> Array:
+    def head(self, variables: Variables, a: Array, layer: str | None = None,
+             x: Array | None = None) -> Array:
         """Logits (B, C) from activations A at `layer` (eval mode): the remaining stages.
 
         `head(variables, features(variables, x, layer), layer) == apply(variables, x)`.
+        `x` (the images) is part of the model protocol (docs/models.md) for models
+        whose cut is crossed by other paths; nothing crosses a `StagedNet` cut, so
+        it is ignored here.
         """
+        del x
         name = self.resolve_layer(layer)
         a = self._check_activations(a, name)
         i = self._stage_index(name)
         return self.module.apply(variables, a, train=False, start=i + 1)
+
+    def to_grid(self, a: Array, layer: str | None = None) -> Array:
+        """The `(B, h, w, K)` grid a map is drawn on; conv activations already are one."""
+        del layer
+        return a
+
+    def abstract_variables(self) -> dict[str, Any]:
+        """The variable tree as `jax.ShapeDtypeStruct` leaves, in plain (mutable) dicts:
+        `jax.eval_shape` of `init`, nothing computed or compiled; cached per model."""
+        return _plain_dicts(_abstract_variables(self))
 
     def linear_head(self, variables: Variables, layer: str | None = None
                     ) -> tuple[Array, Array] | None:
@@ -388,6 +403,18 @@ class Model:
         for key in rest[1].dense_path:
             dense = dense[key]
         return dense["kernel"], dense["bias"]
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_variables(model: Model) -> Any:
+    return jax.eval_shape(lambda key: model.init(key, image_size=64), jax.random.key(0))
+
+
+def _plain_dicts(tree: Any) -> Any:
+    """Mapping trees (FrozenDict included) -> fresh nested plain dicts."""
+    if isinstance(tree, Mapping):
+        return {k: _plain_dicts(v) for k, v in tree.items()}
+    return tree
 
 
 def uniform_init(bound: float) -> Callable[..., Array]:
