@@ -780,7 +780,7 @@ def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore
         _, _, _, A, f, _ = setup(c_main, 1)
         chunk = config.taylor_chunk_size
         kwargs = {} if chunk is None else {"chunk_size": chunk}
-        dd = jax.jit(lambda A: jaxcam.diagonal_derivatives(f, A, method="taylor", **kwargs))
+        dd = jax.jit(lambda A: jaxcam.diagonal_derivatives(f, A, engine="taylor", **kwargs))
         result = measure(lambda: dd(A), repeats=1, max_seconds=config.max_seconds)
         result["coordinates_per_image"] = int(np.prod(A.shape[1:]))
         result["chunk_size"] = config.taylor_chunk_size
@@ -794,7 +794,7 @@ def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore
         layer = model.default_layer
         head = lambda A: model.head(variables, A, layer=layer)
         dd = jax.jit(lambda A: jaxcam.diagonal_derivatives(
-            None, A, method="factored", head=head, target="exp", class_idx=cls, certified=True))
+            None, A, engine="factored", head=head, target="exp", class_idx=cls, certified=True))
         return _with_throughput(
             measure(lambda: dd(A), repeats=config.repeats, max_seconds=config.max_seconds), batch
         )

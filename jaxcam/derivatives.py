@@ -1,31 +1,46 @@
-"""Exact diagonal derivatives ``D_n = d^n f / d A_i^n`` (n = 1, 2, 3) of a CAM target.
+"""Exact diagonal derivatives ``D_n = d^n y / d A_i^n`` (n = 1, 2, 3) of a CAM target.
 
-``f(A) = phi(head(A))`` maps target-layer activations ``A`` (B, h, w, K) to one
-scalar per image (B,). Grad-CAM++ needs the *diagonal* second and third
-derivatives (one number per activation), which plain reverse mode does not
-give. Four engines, compared in ``docs/derivatives.md``:
+``y = psi(s)``, ``s = inner(head(A))`` (``jaxcam.targets``) maps target-layer
+activations ``A`` (B, ...) to one scalar per image. Grad-CAM++ needs the
+*diagonal* second and third derivatives (one number per activation), which
+plain reverse mode does not give. Every engine computes the derivatives
+``s_1, s_2, s_3`` of the *inner score* along each coordinate line
+``A + t e_i`` and composes them with the target's link
+(:func:`jaxcam.targets.compose`), so the result is scale-free: the true
+derivatives are ``exp(log_scale) * D_n`` with a positive per-image factor
+(``e^{S_c}`` for ``exp``) that is reported, never multiplied in.
 
-- ``taylor``: exact for any head. Per coordinate ``i`` the restriction
-  ``t -> f(A + t e_i)`` is pushed through Taylor mode with symbolic zero
-  terms (:func:`jaxcam.series.line_derivatives`: ``jet``'s rules, but only the
-  nonzero terms cross linear layers; nested ``jax.jvp`` for primitives jet has
-  no rule for), ``vmap``-batched over coordinates in chunks (``jax.lax.map(batch_size=...)``)
-  so that memory is bounded. Cost: ``N = h*w*K`` head evaluations.
+Engines, compared in ``docs/derivatives.md``:
+
+- ``taylor``: exact for any head. Per coordinate ``i`` the line is pushed
+  through Taylor mode with symbolic zero terms
+  (:func:`jaxcam.series.line_derivatives`), ``vmap``-batched over coordinates in
+  chunks (``jax.lax.map(batch_size=...)``) so that memory is bounded. Cost:
+  ``N`` head evaluations (``N`` coordinates).
 - ``factored``: exact when the head is piecewise linear at ``A``
-  (``S(A + t e_i) = S + t J_i``, ``J = dS/dA``): ``D_n,i = d^n/dt^n phi(S + t J_i)``.
-  For ``exp``/``logit`` only the class row ``J_c = dS_c/dA`` (one VJP) is
-  needed; for ``softmax``/``log_softmax``/``rest`` the derivatives are
-  cumulants of ``J_i`` under ``p = softmax(S)`` (one VJP per class, streamed
-  in chunks; or analytic when the head is GAP + dense); for a callable target,
-  per-coordinate jets of the C-dimensional ``phi``. Guarded by the certificate
-  :func:`is_piecewise_linear`.
+  (``out(A + t e_i) = out + t J_i``, ``J = d out / dA``). A linear inner score
+  (class logit, regression output, masked segmentation sum) needs one VJP
+  (``s_1 = ds/dA``, ``s_2 = s_3 = 0``); ``log_softmax``/``rest``-type scores are
+  cumulants of ``J_i`` under ``p = softmax(S)`` (one VJP per class, streamed in
+  chunks; analytic when the head is GAP + dense); a general score takes the full
+  Jacobian (one VJP per output value) and a jet of the score along each column.
+  Guarded by the certificate :func:`certify`.
 - ``closed_form``: the Grad-CAM++ paper's eq. 19, ``D_n = exp(S_c) g^n`` with
-  ``g = dS_c/dA``. Exact only for the ``exp`` target through a piecewise-linear
-  head; computed the same way whatever the target (this is what other
-  libraries do), so for other targets it is an approximation by definition.
-- ``nested_sum``: ``D2 = grad(sum(grad f))``, ``D3 = grad(sum(D2))``: row sums
+  ``g = dS_c/dA`` (or the gradient of the target's linear score). Exact only for
+  ``exp`` of a linear score through a piecewise-linear head; computed the same
+  way whatever the target (what other libraries do).
+- ``nested_sum``: ``D2 = grad(sum(grad y))``, ``D3 = grad(sum(D2))``: row sums
   of the Hessian / third-derivative tensor, what naive ``GradientTape`` code
   computes. Not a diagonal; kept to measure the difference.
+
+**The certificate.** :func:`certify` decides, by tracing only, whether the head
+is piecewise linear *by construction* (every primitive from ``A`` to the output
+linear, piecewise linear or bilinear with a constant operand: the 2nd and 3rd
+Taylor coefficients along any line are symbolic zeros of
+:func:`jaxcam.series.line_terms`). It needs no concrete values, so it works
+under ``jit``, costs no execution, and is decided once per compilation.
+:func:`is_piecewise_linear` is the numerical check (exact zeros along random
+directions), kept as an independent oracle.
 
 Every image's scalar must depend only on its own activations (eval mode:
 running batch-norm statistics, no dropout), so batching is exact.
@@ -35,22 +50,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
+from jaxcam import methods as methods_lib
+from jaxcam import series
 from jaxcam import targets as targets_lib
 from jaxcam.series import line_derivatives
 
 ENGINES: tuple[str, ...] = ("auto", "taylor", "factored", "closed_form", "nested_sum")
+EXACT_ENGINES: tuple[str, ...] = ("auto", "factored", "taylor")
 
 # Elements (not bytes) one chunk of per-coordinate / per-class work may hold per
 # series term; 2**25 float32 = 128 MiB.
 DEFAULT_MEMORY_ELEMENTS = 2**25
 
-Derivatives = tuple[jax.Array, jax.Array, jax.Array]
-HeadFn = Callable[[jax.Array], jax.Array]
+HeadFn = Callable[[jax.Array], Any]
+GridFn = Callable[[jax.Array], jax.Array]
+
+
+class Derivatives(NamedTuple):
+    """Diagonal derivatives up to a positive per-image factor.
+
+    The true ``d^n y / dA_i^n`` is ``exp(log_scale[b]) * Dn[b, i]``. Shapes: ``D1,
+    D2, D3`` like the (grid) activations; ``log_scale`` ``(B,)``.
+    """
+
+    D1: jax.Array
+    D2: jax.Array
+    D3: jax.Array
+    log_scale: jax.Array
+
+    def true(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``exp(log_scale) * Dn``: the derivatives themselves (may over/underflow)."""
+        scale = jnp.exp(self.log_scale).astype(self.D1.dtype)
+        scale = scale.reshape((-1,) + (1,) * (self.D1.ndim - 1))
+        return scale * self.D1, scale * self.D2, scale * self.D3
 
 
 # --------------------------------------------------------------------------- series
@@ -58,7 +96,8 @@ HeadFn = Callable[[jax.Array], jax.Array]
 
 def _jvp_series(fun: Callable, x: jax.Array, e: jax.Array):
     """``(d1, d2, d3)`` of ``t -> fun(x + t e)`` at 0 by nested forward mode (the
-    certificate's check; :func:`jaxcam.series.line_derivatives` is the fast path)."""
+    numerical certificate's check; :func:`jaxcam.series.line_derivatives` is the
+    fast path)."""
 
     def first(a):
         return jax.jvp(fun, (a,), (e,))[1]
@@ -83,7 +122,7 @@ def _auto_chunk(per_item_elements: int, total: int, chunk_size: int | None) -> i
 
 def taylor_derivatives(
     f: Callable[[jax.Array], jax.Array], A: jax.Array, *, chunk_size: int | None = None
-) -> Derivatives:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Exact ``D1, D2, D3`` of any ``f: (B, h, w, K) -> (B,)`` by per-coordinate Taylor mode.
 
     For each of the ``N = h*w*K`` coordinates ``i`` (the same coordinate in every
@@ -105,7 +144,7 @@ def taylor_derivatives_at(
     coordinates: jax.Array,
     *,
     chunk_size: int | None = None,
-) -> Derivatives:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`taylor_derivatives` at a subset of coordinates only.
 
     ``coordinates``: (n,) flat indices into ``h*w*K`` (row-major, like
@@ -129,7 +168,7 @@ def taylor_derivatives_at(
     return out[0], out[1], out[2]
 
 
-def nested_sum_derivatives(f: Callable[[jax.Array], jax.Array], A: jax.Array) -> Derivatives:
+def nested_sum_derivatives(f: Callable[[jax.Array], jax.Array], A: jax.Array):
     """``D1 = grad f``, ``D2 = grad(sum(D1))``, ``D3 = grad(sum(D2))`` (per image).
 
     ``D2_i = sum_j d^2 f / dA_i dA_j`` is a Hessian *row sum*, not the diagonal:
@@ -150,10 +189,11 @@ def nested_sum_derivatives(f: Callable[[jax.Array], jax.Array], A: jax.Array) ->
     return jax.jit(lambda a: (first(a), second(a), third(a)))(A)
 
 
-def closed_form_from_gradient(score: jax.Array, g: jax.Array) -> Derivatives:
+def closed_form_from_gradient(score: jax.Array, g: jax.Array):
     """Grad-CAM++ eq. 19: ``D_n = exp(S_c) g^n`` from the class logit ``S_c`` (B,) and
-    ``g = dS_c/dA`` (B, h, w, K). Exact only for ``exp(S_c)`` through a
-    piecewise-linear head."""
+    ``g = dS_c/dA`` (B, ...). Exact only for ``exp(S_c)`` through a piecewise-linear
+    head. (Forms ``exp(S_c)``; the engines use the scale-free ``(g, g^2, g^3)`` with
+    ``log_scale = S_c``.)"""
     e = jnp.exp(score).reshape((-1,) + (1,) * (g.ndim - 1))
     return e * g, e * g**2, e * g**3
 
@@ -211,69 +251,141 @@ def _linear_head_moments(
     return tuple(x[:, None, None, :] for x in (g, m1, m2, m3))
 
 
-def factored_from_vjp(
-    logits: jax.Array,
+def _linear_head_moments(
+    W: jax.Array, logits: jax.Array, class_idx: jax.Array, spatial: tuple[int, int]
+) -> tuple[jax.Array, ...]:
+    """Row ``g`` and shifted moments for a GAP + dense head, analytically:
+    ``J_j(i, k) = W[k, j] / (h w)`` is constant over positions, so everything
+    lives on ``(B, K)`` and is broadcast over ``(h, w)``."""
+    scale = 1.0 / (spatial[0] * spatial[1])
+    Wt = W.T.astype(logits.dtype) * scale  # (C, K)
+    g = Wt[class_idx]  # (B, K)
+    u = Wt[None] - g[:, None, :]  # (B, C, K)
+    p = jax.nn.softmax(logits, axis=-1)
+    m1 = jnp.einsum("bc,bck->bk", p, u)
+    m2 = jnp.einsum("bc,bck->bk", p, u * u)
+    m3 = jnp.einsum("bc,bck->bk", p, u * u * u)
+    return tuple(x[:, None, None, :] for x in (g, m1, m2, m3))
+
+
+def _inner_cotangent(target: targets_lib.Target, out: Any, c: jax.Array, data: Any) -> Any:
+    """``d s / d out`` per image (a pytree like ``out``): with one VJP of the head it
+    gives ``ds/dA`` for any target (chain rule)."""
+    if data is None:
+        return jax.vmap(jax.grad(lambda o, ci: target.inner(o, ci, None)))(out, c)
+    return jax.vmap(jax.grad(target.inner))(out, c, data)
+
+
+def _score_cotangent(target: targets_lib.Target, out: Any, c: jax.Array, data: Any) -> Any:
+    """``d score / d out`` of the closed form's linear score (:meth:`Target.score`)."""
+    if data is None:
+        return jax.vmap(jax.grad(lambda o, ci: target.score(o, ci, None)))(out, c)
+    return jax.vmap(jax.grad(target.score))(out, c, data)
+
+
+def _flat_outputs(out: Any) -> tuple[jax.Array, Callable]:
+    """``out`` (pytree, leading B) -> ``(B, M)`` and the per-image unflatten."""
+    flat = jax.vmap(lambda o: jax.flatten_util.ravel_pytree(o)[0])(out)
+    one = jax.tree.map(lambda x: x[0], out)
+    return flat, jax.flatten_util.ravel_pytree(one)[1]
+
+
+def output_size(out: Any) -> int:
+    """Values per image of a (batched) output pytree."""
+    return sum(math.prod(x.shape[1:]) for x in jax.tree_util.tree_leaves(out))
+
+
+def factored_series(
+    out: Any,
     vjp_fn: Callable,
     A: jax.Array,
-    target: targets_lib.TargetSpec,
-    class_idx: jax.Array,
+    target: targets_lib.Target,
+    c: jax.Array,
+    data: Any = None,
     *,
-    g: jax.Array | None = None,
+    u: jax.Array | None = None,
     chunk_size: int | None = None,
     class_chunk_size: int | None = None,
     linear_head: tuple[jax.Array, jax.Array] | None = None,
-) -> Derivatives:
-    """The factored engine given ``(S, vjp_fn) = jax.vjp(head, A)`` (so that a caller
-    that already ran the forward/VJP shares it). Assumes the head is piecewise
-    linear at ``A`` (not checked here; see :func:`factored_derivatives`)."""
-    named = isinstance(target, str)
-    if linear_head is not None and named and target not in targets_lib.ROW_ONLY_TARGETS:
-        g_, m1, m2, m3 = (
-            jnp.broadcast_to(x, A.shape)
-            for x in _linear_head_moments(linear_head[0], logits, class_idx, A.shape[1:3])
-        )
-        return targets_lib.directional_derivatives(target, logits, class_idx, g_, m1, m2, m3)
-    if g is None:
-        onehot = jax.nn.one_hot(class_idx, logits.shape[1], dtype=logits.dtype)
-        g = vjp_fn(onehot)[0]
-    if named:
-        if target in targets_lib.ROW_ONLY_TARGETS:
-            zero = jnp.zeros_like(g)
-            return targets_lib.directional_derivatives(
-                target, logits, class_idx, g, zero, zero, zero
-            )
-        m1, m2, m3 = _class_moments(vjp_fn, logits, g, class_chunk_size)
-        return targets_lib.directional_derivatives(target, logits, class_idx, g, m1, m2, m3)
-    return _factored_callable(logits, vjp_fn, A, target, class_idx, chunk_size)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(s1, s2, s3)``: derivatives of the inner score along every coordinate line,
+    given ``(out, vjp_fn) = jax.vjp(head, A)`` with the head piecewise linear at ``A``
+    (not checked here). ``u``: ``ds/dA`` if the caller already has it."""
+    if target.kind == "linear":
+        if u is None:
+            u = vjp_fn(_inner_cotangent(target, out, c, data))[0]
+        zero = jnp.zeros_like(u)
+        return u, zero, zero
+    if target.kind in ("log_softmax", "rest"):
+        if linear_head is not None:
+            g, m1, m2, m3 = (jnp.broadcast_to(x, A.shape) for x in
+                             _linear_head_moments(linear_head[0], out, c, A.shape[1:3]))
+        else:
+            onehot = jax.nn.one_hot(c, out.shape[1], dtype=out.dtype)
+            g = vjp_fn(onehot)[0]
+            m1, m2, m3 = _class_moments(vjp_fn, out, g, class_chunk_size)
+        return targets_lib.inner_directional(target.kind, out, c, g, m1, m2, m3)
+    return _factored_general(out, vjp_fn, A, target, c, data, chunk_size)
 
 
-def _factored_callable(logits, vjp_fn, A, target, class_idx, chunk_size) -> Derivatives:
-    """Callable target: the full Jacobian ``J`` (C VJPs, C*B*N elements), then a jet of
-    the C-dimensional ``phi`` along each column ``J_i``."""
-    phi = targets_lib.get_target(target)
-    batch, num_classes = logits.shape
+def _factored_general(out, vjp_fn, A, target, c, data, chunk_size):
+    """General score: the full Jacobian ``J`` (M VJPs, M*B*N elements), then a jet of
+    the score along each column ``J_i`` (M-dimensional)."""
+    flat, unflatten = _flat_outputs(out)
+    batch, m = flat.shape
     coord_shape = A.shape[1:]
     n = math.prod(coord_shape)
-    eye = jnp.broadcast_to(
-        jnp.eye(num_classes, dtype=logits.dtype)[:, None, :], (num_classes, batch, num_classes)
-    )
-    J = jax.vmap(lambda ct: vjp_fn(ct)[0])(eye)  # (C, B, h, w, K)
-    J = jnp.moveaxis(J.reshape(num_classes, batch, n), 0, -1)  # (B, N, C)
-    chunk = _auto_chunk(num_classes * 4, n, chunk_size)
+    eye = jnp.broadcast_to(jnp.eye(m, dtype=flat.dtype)[:, None, :], (m, batch, m))
+    J = jax.vmap(lambda ct: vjp_fn(jax.vmap(unflatten)(ct))[0])(eye)  # (M, B, ...)
+    J = jnp.moveaxis(J.reshape(m, batch, n), 0, -1)  # (B, N, M)
+    chunk = _auto_chunk(m * 4, n, chunk_size)
 
-    def per_image(s, c, Jb):
-        fun = lambda z: phi(z, c)
+    def per_image(o, ci, di, Jb):
+        fun = lambda z: target.inner(unflatten(z), ci, di)
+
         def one(v):
-            return jnp.stack(line_derivatives(fun, s, v))
+            return jnp.stack(line_derivatives(fun, o, v))
 
         return jax.lax.map(one, Jb, batch_size=chunk)  # (N, 3)
 
-    out = jax.vmap(per_image)(logits, class_idx, J)  # (B, N, 3)
-    out = jnp.moveaxis(out, -1, 0).reshape((3, batch) + coord_shape)
-    return out[0], out[1], out[2]
+    if data is None:
+        res = jax.vmap(lambda o, ci, Jb: per_image(o, ci, None, Jb))(flat, c, J)
+    else:
+        res = jax.vmap(per_image)(flat, c, data, J)  # (B, N, 3)
+    res = jnp.moveaxis(res, -1, 0).reshape((3, batch) + coord_shape)
+    return res[0], res[1], res[2]
+
+
+def hessian_activation_product(
+    head: HeadFn, A: jax.Array, target: targets_lib.Target, c: jax.Array, data: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """``(H A, log_scale)``: the Hessian of the target w.r.t. ``A`` applied to ``A``
+    (ShapleyCAM), up to the factor ``exp(log_scale)``, per image.
+
+    With ``y = psi(s)``: ``H_y A = psi'' (grad s . A) grad s + psi' (H_s A)``; divided
+    by ``exp(L)``: ``r2 (grad s . A) grad s + r1 (H_s A)``, ``(grad s, H_s A)`` by
+    forward-over-reverse (:func:`jaxcam.methods.hessian_times_activations`).
+    """
+    s_fn = lambda a: targets_lib.inner_scores(target, head(a), c, data)
+    g = jax.grad(lambda a: jnp.sum(s_fn(a)))(A)
+    hs_a = methods_lib.hessian_times_activations(s_fn, A)
+    r1, r2, _, log_scale = targets_lib.link_derivatives(target.link, jax.lax.stop_gradient(
+        s_fn(A)))
+    expand = (slice(None),) + (None,) * (A.ndim - 1)
+    g_dot_a = jnp.sum((g * A).reshape(A.shape[0], -1), axis=1)
+    return r2[expand] * g_dot_a[expand] * g + r1[expand] * hs_a, log_scale
 
 
 # --------------------------------------------------------------------------- certificate
+
+
+def certify(head: HeadFn, A: Any) -> bool:
+    """The ``factored`` engine's certificate: ``head`` is piecewise linear in ``A`` by
+    construction (:func:`jaxcam.series.is_structurally_piecewise_linear`; tracing only,
+    works on abstract or traced ``A``). A ReLU / max-pool / dense / conv / eval-mode
+    batch-norm head certifies; softplus, GELU, SiLU, LayerNorm, softmax attention or
+    train-mode batch norm do not."""
+    return series.is_structurally_piecewise_linear(head, A)
 
 
 def piecewise_linear_residual(head: HeadFn, A: jax.Array, directions: jax.Array) -> jax.Array:
@@ -299,20 +411,19 @@ def is_piecewise_linear(
     num_directions: int = 2,
     key: jax.Array | None = None,
 ) -> bool:
-    """The certificate behind the ``factored`` engine.
+    """The numerical certificate (an oracle for :func:`certify`).
 
     True iff the 2nd and 3rd derivatives of every logit ``head(A)`` along
     ``num_directions`` Gaussian directions are *exactly* 0 (a head of ReLU,
     max/average pooling, dense/conv layers and eval-mode batch norm gives
     structural zeros; any smooth nonlinearity -- softplus, GELU, SiLU -- gives
     non-zeros almost surely). Needs concrete ``A`` and head parameters (it
-    returns a Python bool); run it outside ``jit`` and pass the result on.
+    returns a Python bool); use :func:`certify` under ``jit``.
     """
     if isinstance(A, jax.core.Tracer):
         raise ValueError(
             "is_piecewise_linear needs concrete activations (it returns a Python bool); "
-            "call it outside jit/vmap, or pass certified=True/False to "
-            "diagonal_derivatives, or use method='taylor'."
+            "call it outside jit/vmap, or use jaxcam.derivatives.certify (tracing only)."
         )
     key = jax.random.PRNGKey(0) if key is None else key
     directions = jax.random.normal(key, (num_directions,) + A.shape, dtype=A.dtype)
@@ -323,51 +434,126 @@ def is_piecewise_linear(
     except jax.errors.ConcretizationTypeError as err:
         raise ValueError(
             "is_piecewise_linear needs concrete head parameters; call it outside jit, or "
-            "pass certified=True/False to diagonal_derivatives."
+            "use jaxcam.derivatives.certify."
         ) from err
 
 
-def _not_certified_error(residual_hint: str = "") -> ValueError:
+def not_certified_error(where: str = "") -> ValueError:
+    """The error for engine='factored' on a head that is not piecewise linear."""
     return ValueError(
         "derivatives engine 'factored' needs a piecewise-linear head (ReLU, max/average "
-        "pooling, dense/conv, eval-mode batch norm), but the certificate failed: the head's "
-        "2nd/3rd derivatives along random directions are not zero (a smooth activation such "
-        "as softplus/GELU/SiLU, or dropout/BN in train mode)." + residual_hint + " Use "
-        "method='taylor' (exact for any head) or 'auto' (picks the right engine)."
+        "pooling, dense/conv, eval-mode batch norm), but the certificate failed: the head "
+        "contains a smooth operation (softplus/GELU/SiLU, LayerNorm, softmax attention, "
+        "train-mode batch norm)" + where + ". Use engine='taylor' (exact for any head) "
+        "or 'auto' (picks the right engine)."
     )
 
 
 # --------------------------------------------------------------------------- dispatcher
 
 
-def factored_derivatives(
+def resolve_engine(
+    engine: str, head: HeadFn, A: Any, target: targets_lib.Target, out: Any = None,
+    *, certified: bool | None = None, where: str = "",
+) -> tuple[str, bool | None]:
+    """``(engine, certified)``: ``"auto"`` -> ``"factored"`` where the head certifies
+    (and, for a general score, the Jacobian has fewer rows than there are
+    coordinates), else ``"taylor"``; ``"factored"`` on an uncertified head raises.
+    ``certified`` is computed (tracing only) when it matters and not given."""
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown derivatives method {engine!r}; use one of {ENGINES} "
+                         "(engine=...).")
+    if engine in ("auto", "factored") or (engine == "taylor" and certified is None):
+        if certified is None:
+            certified = certify(head, A)
+    if engine == "factored" and not certified:
+        raise not_certified_error(where)
+    if engine == "auto":
+        engine = "factored" if certified else "taylor"
+        if engine == "factored" and target.kind == "general" and out is not None:
+            n = math.prod(A.shape[1:])
+            if output_size(out) > n:
+                engine = "taylor"
+    return engine, certified
+
+
+def second_derivative_vanishes(target: targets_lib.Target, engine: str,
+                               certified: bool | None) -> bool:
+    """Whether the exact ``D2`` is identically 0: a linear score with the identity
+    link through a certified (piecewise-linear) head (e.g. a raw logit)."""
+    return (engine in EXACT_ENGINES and bool(certified) and target.kind == "linear"
+            and target.link == "identity")
+
+
+def target_derivatives(
     head: HeadFn,
     A: jax.Array,
-    target: targets_lib.TargetSpec,
-    class_idx: Any = None,
+    target: targets_lib.Target,
+    c: jax.Array,
+    data: Any = None,
     *,
+    engine: str = "auto",
     certified: bool | None = None,
+    primal: tuple[Any, Callable] | None = None,
+    to_grid: GridFn | None = None,
     chunk_size: int | None = None,
     class_chunk_size: int | None = None,
     linear_head: tuple[jax.Array, jax.Array] | None = None,
-) -> Derivatives:
-    """Factored engine with its certificate (``certified=None`` checks it here)."""
-    if certified is None:
-        certified = is_piecewise_linear(head, A)
-    if not certified:
-        raise _not_certified_error()
-    logits, vjp_fn = jax.vjp(head, A)
-    c = targets_lib.select_class(logits, class_idx)
-    return factored_from_vjp(
-        logits, vjp_fn, A, target, c, chunk_size=chunk_size,
-        class_chunk_size=class_chunk_size, linear_head=linear_head,
-    )
+) -> tuple[Derivatives, str]:
+    """The one dispatcher: ``(Derivatives on the grid, engine used)``.
+
+    Args:
+      head: ``A -> out`` (pytree with leading batch axis B).
+      A: the layer's activations (B, ...), any trailing shape.
+      target: a :class:`jaxcam.targets.Target`; ``c`` (B,) int32 classes; ``data``
+        the target's per-image data (leading B) or None.
+      engine: one of :data:`ENGINES`; ``certified``: the certificate if known.
+      primal: ``jax.vjp(head, A)`` if the caller already has it (shared forward).
+      to_grid: ``(B, ...) -> (B, h, w, K)`` re-indexing applied to the results
+        (``taylor`` evaluates only the coordinates it keeps); None: identity.
+      chunk_size, class_chunk_size, linear_head: see :func:`diagonal_derivatives`.
+    """
+    engine, certified = resolve_engine(engine, head, A, target,
+                                       None if primal is None else primal[0],
+                                       certified=certified)
+    grid = (lambda a: a) if to_grid is None else to_grid
+    s_fn = lambda a: targets_lib.inner_scores(target, head(a), c, data)
+    if engine == "taylor":
+        s0 = s_fn(A)
+        if to_grid is None:
+            s1, s2, s3 = taylor_derivatives(s_fn, A, chunk_size=chunk_size)
+        else:
+            n = math.prod(A.shape[1:])
+            coords = grid(jnp.arange(n, dtype=jnp.int32).reshape((1,) + A.shape[1:]))
+            flat = taylor_derivatives_at(s_fn, A, coords.reshape(-1), chunk_size=chunk_size)
+            s1, s2, s3 = (d.reshape((A.shape[0],) + coords.shape[1:]) for d in flat)
+        return Derivatives(*targets_lib.compose(target.link, s0, s1, s2, s3)), engine
+    out, vjp_fn = jax.vjp(head, A) if primal is None else primal
+    s0 = targets_lib.inner_scores(target, out, c, data)
+    if engine == "factored":
+        s1, s2, s3 = factored_series(out, vjp_fn, A, target, c, data, chunk_size=chunk_size,
+                                     class_chunk_size=class_chunk_size,
+                                     linear_head=linear_head)
+        s1, s2, s3 = grid(s1), grid(s2), grid(s3)
+        return Derivatives(*targets_lib.compose(target.link, s0, s1, s2, s3)), engine
+    if engine == "closed_form":
+        score0 = jax.vmap(lambda o, ci, di: target.score(o, ci, di),
+                          in_axes=(0, 0, None if data is None else 0))(out, c, data)
+        g = grid(vjp_fn(_score_cotangent(target, out, c, data))[0])
+        zero = jnp.zeros_like(g)
+        return Derivatives(*targets_lib.compose("exp", score0, g, zero, zero)), engine
+    # nested_sum: the target divided by its factor at A, differentiated directly
+    s0c = jax.lax.stop_gradient(s0)
+    f = lambda a: targets_lib.link_shifted(target.link, s_fn(a), s0c)
+    d1, d2, d3 = nested_sum_derivatives(f, A)
+    log_scale = targets_lib.link_derivatives(target.link, s0)[3]
+    return Derivatives(grid(d1), grid(d2), grid(d3), log_scale), engine
 
 
 def diagonal_derivatives(
     f: Callable[[jax.Array], jax.Array] | None,
     A: jax.Array,
-    method: str = "auto",
+    engine: str = "auto",
     *,
     head: HeadFn | None = None,
     target: targets_lib.TargetSpec | None = None,
@@ -376,7 +562,8 @@ def diagonal_derivatives(
     class_chunk_size: int | None = None,
     certified: bool | None = None,
     linear_head: tuple[jax.Array, jax.Array] | None = None,
-) -> Derivatives:
+    normalized: bool = False,
+):
     """Diagonal derivatives ``(D1, D2, D3)``, each shaped like ``A`` (B, h, w, K).
 
     Two ways to say what is differentiated:
@@ -385,17 +572,21 @@ def diagonal_derivatives(
       activations). Engines: ``taylor``, ``nested_sum``, ``closed_form`` (``f``
       is then read as the class logit ``S_c``: ``D_n = exp(f) (grad f)^n``), and
       ``auto`` (= ``taylor``: a plain ``f`` cannot be factored).
-    - ``f=None, head=..., target=...``: ``head: (B, h, w, K) -> (B, C)`` logits and
-      a target (name in ``jaxcam.targets.TARGETS`` or callable ``phi(S, c)``),
-      ``class_idx`` (None: argmax). Every engine works; ``factored`` and ``auto``
-      need this form. ``auto`` = ``factored`` if :func:`is_piecewise_linear`
-      certifies the head, else ``taylor``; ``factored`` on an uncertified head
-      raises. ``certified`` skips the check (pass it when calling under ``jit``,
-      where the certificate cannot be evaluated). ``linear_head=(W, b)`` (from
+    - ``f=None, head=..., target=...``: ``head: (B, h, w, K) -> outputs`` (logits
+      (B, C), or any pytree with leading B) and a target (name in
+      ``jaxcam.targets.TARGETS``, a :class:`jaxcam.targets.Target`, or callable
+      ``phi(out, c)``), ``class_idx`` (None: argmax). Every engine works;
+      ``factored`` and ``auto`` need this form. ``auto`` = ``factored`` if
+      :func:`certify` holds, else ``taylor``; ``factored`` on an uncertified head
+      raises. ``certified`` skips the check. ``linear_head=(W, b)`` (from
       ``model.linear_head``) tells ``factored`` that the head is GAP + dense, so
       that the class Jacobian is formed analytically.
 
-    ``chunk_size``: coordinates per vectorised chunk (``taylor``, callable
+    ``normalized=False`` returns the true derivatives (which can over- or
+    underflow: ``exp(S_c) g^n``); ``normalized=True`` returns
+    :class:`Derivatives` ``(D1, D2, D3, log_scale)``, true = ``exp(log_scale) * D``.
+
+    ``chunk_size``: coordinates per vectorised chunk (``taylor``, general
     targets); ``class_chunk_size``: classes per chunk of VJPs (``factored`` with
     softmax-type targets). ``None`` sizes chunks to ~2**25 elements.
 
@@ -404,53 +595,50 @@ def diagonal_derivatives(
         head = lambda A: model.head(variables, A, "layer4")
         D1, D2, D3 = diagonal_derivatives(None, A, head=head, target="softmax")
     """
-    if method not in ENGINES:
-        raise ValueError(f"Unknown derivatives method {method!r}; use one of {ENGINES}.")
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown derivatives method {engine!r}; use one of {ENGINES} "
+                         "(engine=...).")
     if A.ndim != 4:
         raise ValueError(f"A must be a batch of activations (B, h, w, K), got shape {A.shape}.")
     if (f is None) == (head is None):
         raise ValueError(
             "Give exactly one of f (a function (B,h,w,K) -> (B,)) or head= with target= "
-            "(logits function and target)."
+            "(outputs function and target)."
         )
     if f is not None:
-        if method == "factored":
+        if engine == "factored":
             raise ValueError(
-                "method='factored' needs the head and the target separately: call "
+                "engine='factored' needs the head and the target separately: call "
                 "diagonal_derivatives(None, A, 'factored', head=..., target=..., class_idx=...)."
             )
-        if method in ("auto", "taylor"):
-            return taylor_derivatives(f, A, chunk_size=chunk_size)
-        if method == "nested_sum":
-            return nested_sum_derivatives(f, A)
-        score, vjp_fn = jax.vjp(f, A)
-        return closed_form_from_gradient(score, vjp_fn(jnp.ones_like(score))[0])
-
-    if target is None:
-        raise ValueError(f"head= needs target= (one of {targets_lib.TARGETS} or a callable).")
-    targets_lib.validate_target(target)
-    logits = jax.eval_shape(head, A)
-    if len(logits.shape) != 2 or logits.shape[0] != A.shape[0]:
-        raise ValueError(f"head must map (B, h, w, K) to logits (B, C), got {logits.shape}.")
-    if method in ("auto", "factored"):
-        if certified is None:
-            certified = is_piecewise_linear(head, A)
-        if certified:
-            return factored_derivatives(
-                head, A, target, class_idx, certified=True, chunk_size=chunk_size,
-                class_chunk_size=class_chunk_size, linear_head=linear_head,
-            )
-        if method == "factored":
-            raise _not_certified_error()
-        method = "taylor"
-    S, vjp_fn = jax.vjp(head, A)
-    c = targets_lib.select_class(S, class_idx)
-    if method == "closed_form":
-        onehot = jax.nn.one_hot(c, S.shape[1], dtype=S.dtype)
-        s_c = jnp.take_along_axis(S, c[:, None], axis=1)[:, 0]
-        return closed_form_from_gradient(s_c, vjp_fn(onehot)[0])
-    phi = targets_lib.get_target(target)
-    f = lambda a: jax.vmap(phi)(head(a), c)
-    if method == "taylor":
-        return taylor_derivatives(f, A, chunk_size=chunk_size)
-    return nested_sum_derivatives(f, A)
+        head, tgt = f, targets_lib.regression()
+        engine = "taylor" if engine == "auto" else engine
+        c = jnp.zeros((A.shape[0],), jnp.int32)
+    else:
+        if target is None:
+            raise ValueError(
+                f"head= needs target= (one of {targets_lib.TARGETS}, a Target or a callable).")
+        tgt = targets_lib.as_target(target)
+        out = jax.eval_shape(head, A)
+        leaves = jax.tree_util.tree_leaves(out)
+        if not leaves or any(x.ndim < 1 or x.shape[0] != A.shape[0] for x in leaves):
+            raise ValueError(f"head must map (B, h, w, K) to outputs with leading axis B, got "
+                             f"{jax.tree.map(lambda x: x.shape, out)}.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        if isinstance(out, jax.ShapeDtypeStruct) and out.ndim == 2:
+            c = targets_lib.select_class(head(A) if class_idx is None else out, class_idx)
+        elif class_idx is not None:
+            c = targets_lib.check_class_idx(class_idx, A.shape[0], None)
+        elif tgt.needs_class:
+            raise ValueError(f"target {tgt.name!r} needs class_idx= (the outputs are not "
+                             "(B, C) logits to take an argmax of).")
+        else:
+            c = jnp.zeros((A.shape[0],), jnp.int32)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}.")
+    data = targets_lib.per_image_data(tgt, A.shape[0])
+    result, _ = target_derivatives(
+        head, A, tgt, c, data, engine=engine, certified=certified, chunk_size=chunk_size,
+        class_chunk_size=class_chunk_size, linear_head=linear_head)
+    return result if normalized else result.true()

@@ -1,30 +1,168 @@
-"""CAM methods as small pure functions of arrays.
+"""CAM methods: one registry of method records, and small pure functions of arrays.
 
-Shapes: activations ``A`` (B, h, w, K); diagonal derivatives ``D1, D2, D3``
-like ``A`` (see ``jaxcam.derivatives``); channel weights ``(B, K)``; raw maps
-``(B, h, w)``. Unless noted the map is ``L = ReLU(sum_k w_k A_k)``
-(:func:`weighted_map`). Everything is batched, ``jit``-able and differentiable.
+Shapes: activations ``A`` (B, h, w, K) on the map's grid; diagonal derivatives
+``D1, D2, D3`` like ``A`` (see ``jaxcam.derivatives``; up to a positive
+per-image factor, which no method's normalised map depends on); channel weights
+``(B, K)``; raw maps ``(B, h, w)``. Unless noted the map is
+``L = ReLU(sum_k w_k A_k)`` (:func:`weighted_map`). Everything is batched,
+``jit``-able and differentiable.
+
+A method is one :class:`Method` record in the registry: name, label, paper,
+default target, the quantities it needs, and a pure function of a
+quantities object ``q`` (``q.A``, ``q.D1``, ``q.D2``, ``q.D3``, ``q.HA``,
+``q.linear_head``, ``q.class_idx``, ``q.images``, ``q.score``, ``q.log_scale``,
+``q.options``; each computed only when used) returning channel weights or a
+raw map. ``jaxcam.explain`` computes the shared quantities once per call and
+loops over the records; a user's method is one decorated function::
+
+    @jaxcam.methods.register("absgrad", default_target="logit")
+    def absgrad(q):
+        return jnp.mean(jnp.abs(q.D1), axis=(1, 2))   # channel weights (B, K)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-METHODS: tuple[str, ...] = (
-    "cam",
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "scorecam",
-    "shapleycam",
-)
+# What a method may ask of ``q`` (documented in docs/architecture.md).
+QUANTITIES: tuple[str, ...] = ("A", "D1", "D2", "D3", "HA", "linear_head", "score",
+                               "images", "class_idx")
+OUTPUTS: tuple[str, ...] = ("weights", "map")
 
 NEGATIVE_DENOMINATOR_RULES: tuple[str, ...] = ("zero", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A CAM method.
+
+    Attributes:
+      name: the name ``explain(method=...)`` and ``jaxcam explain --method`` take.
+      fn: ``q -> (B, K)`` channel weights (``output="weights"``, the map is
+        :func:`weighted_map`) or ``q -> (B, h, w)`` raw map (``output="map"``).
+      output: ``"weights"`` | ``"map"``.
+      default_target: the target explained when ``target=None``.
+      needs: quantities of :data:`QUANTITIES` the method reads; ``explain`` checks
+        their preconditions up front (CAM's GAP + dense head, a degenerate ``D2``)
+        and ``D2``/``D3`` make ``derivatives=`` apply (then ``q.D1`` comes from the
+        same engine as ``D2, D3``).
+      label, paper, url, formula, passes: for tables (README, docs, figures).
+    """
+
+    name: str
+    fn: Callable[[Any], jax.Array]
+    output: str = "weights"
+    default_target: str = "logit"
+    needs: tuple[str, ...] = ("D1",)
+    label: str = ""
+    paper: str = ""
+    url: str = ""
+    formula: str = ""
+    passes: str = "1"
+
+    @property
+    def higher(self) -> bool:
+        """Whether the method uses second/third derivatives (``derivatives=`` applies)."""
+        return "D2" in self.needs or "D3" in self.needs
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(
+    name: str,
+    *,
+    default_target: str = "logit",
+    output: str = "weights",
+    needs: Sequence[str] = ("D1",),
+    label: str | None = None,
+    paper: str = "",
+    url: str = "",
+    formula: str = "",
+    passes: str = "1",
+    replace: bool = False,
+) -> Callable[[Callable[[Any], jax.Array]], Callable[[Any], jax.Array]]:
+    """Decorator: register ``fn(q)`` as the CAM method ``name`` (see :class:`Method`).
+
+    Raises ValueError for a name already registered (unless ``replace=True``), an
+    unknown quantity in ``needs`` or an unknown ``output`` or target name.
+    """
+    from jaxcam import targets as targets_lib
+
+    if not isinstance(name, str) or not name or name == "all" or any(
+            ch.isspace() for ch in name):
+        raise ValueError(f"method name must be a non-empty word other than 'all', got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"a method {name!r} is already registered; pick another name or pass "
+                         "replace=True")
+    bad = [n for n in needs if n not in QUANTITIES]
+    if bad:
+        raise ValueError(f"method {name!r} needs unknown quantities {bad}; use {QUANTITIES}")
+    if output not in OUTPUTS:
+        raise ValueError(f"method {name!r}: output must be one of {OUTPUTS}, got {output!r}")
+    targets_lib.as_target(default_target)
+
+    def decorate(fn: Callable[[Any], jax.Array]) -> Callable[[Any], jax.Array]:
+        if not callable(fn):
+            raise ValueError(f"register({name!r}) decorates a function q -> array, got {fn!r}")
+        _REGISTRY[name] = Method(name, fn, output, default_target, tuple(needs),
+                                 label or name, paper, url, formula, passes)
+        return fn
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (for tests and interactive sessions)."""
+    get(name)
+    del _REGISTRY[name]
+
+
+def get(name: str) -> Method:
+    """The record of method ``name``; ValueError listing the registered names."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown method {name!r}; use one of {names()}.") from None
+
+
+def names() -> tuple[str, ...]:
+    """Registered method names, built-ins first, in registration order."""
+    return tuple(_REGISTRY)
+
+
+class _Names(Sequence):
+    """``METHODS``: a live, read-only view of the registered names (a tuple when
+    compared, sliced or printed), so a user's registered method shows up everywhere."""
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return names()[i]
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __contains__(self, item: object) -> bool:
+        return item in _REGISTRY
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, Sequence) else other)
+
+    def __hash__(self) -> int:
+        return hash(names())
+
+    def __repr__(self) -> str:
+        return repr(names())
+
+
+METHODS: Sequence[str] = _Names()
 
 
 def weighted_map(A: jax.Array, weights: jax.Array) -> jax.Array:
@@ -228,3 +366,84 @@ def scorecam_weights(
         sorted_scores)
     scores = jnp.where(dead, zero_score[None, :], scores)  # (K, B)
     return jax.nn.softmax(scores.T, axis=-1)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@register("cam", needs=("A", "linear_head", "class_idx"), label="CAM",
+          paper="Zhou et al. 2016", url="https://arxiv.org/abs/1512.04150",
+          formula="M = sum_k W[k,c] A_k (GAP + dense heads only)")
+def _cam(q):
+    return cam_weights(q.linear_head[0], q.class_idx)
+
+
+@register("gradcam", label="Grad-CAM", paper="Selvaraju et al. 2017",
+          url="https://arxiv.org/abs/1610.02391", formula="w_k = mean_ij D1")
+def _gradcam(q):
+    return gradcam_weights(q.D1)
+
+
+@register("gradcam++", default_target="exp", needs=("A", "D1", "D2", "D3"),
+          label="Grad-CAM++", paper="Chattopadhay et al. 2018",
+          url="https://arxiv.org/abs/1710.11063",
+          formula="w_k = sum_ij alpha_ijk ReLU(D1), alpha = D2 / (2 D2 + sum(A_k) D3)")
+def _gradcam_pp(q):
+    return gradcam_pp_weights(
+        q.A, q.D1, q.D2, q.D3, negative_denominator=q.options["negative_denominator"],
+        normalize_alpha=q.options["normalize_alpha"])
+
+
+@register("xgradcam", needs=("A", "D1"), label="XGrad-CAM", paper="Fu et al. 2020",
+          url="https://arxiv.org/abs/2008.02312", formula="w_k = sum_ij A_ijk / sum(A_k) D1_ijk")
+def _xgradcam(q):
+    return xgradcam_weights(q.A, q.D1)
+
+
+@register("hirescam", output="map", needs=("A", "D1"), label="HiResCAM",
+          paper="Draelos & Carin 2020", url="https://arxiv.org/abs/2011.08891",
+          formula="M = ReLU(sum_k D1_k * A_k)")
+def _hirescam(q):
+    return hirescam_map(q.A, q.D1)
+
+
+@register("layercam", output="map", needs=("A", "D1"), label="LayerCAM",
+          paper="Jiang et al. 2021", url="https://ieeexplore.ieee.org/document/9462463",
+          formula="M = ReLU(sum_k ReLU(D1_k) * A_k)")
+def _layercam(q):
+    return layercam_map(q.A, q.D1)
+
+
+@register("scorecam", default_target="softmax", needs=("A", "images", "score"),
+          label="Score-CAM", paper="Wang et al. 2020", url="https://arxiv.org/abs/1910.01279",
+          formula="w = softmax_k(score(x * norm(up(A_k))))",
+          passes="1 + K, chunked; channels that are zero everywhere (dead ReLUs) share one "
+                 "score of the zero image, chunks of them are skipped")
+def _scorecam(q):
+    return scorecam_weights(q.A, q.images, q.score,
+                            batch_size=q.options["scorecam_batch_size"])
+
+
+@register("shapleycam", default_target="rest", needs=("D1", "HA"), label="ShapleyCAM",
+          paper="Cai 2025", url="https://arxiv.org/abs/2501.06261",
+          formula="w_k = mean_ij (D1 - 0.5 H A)_k")
+def _shapleycam(q):
+    return shapleycam_weights(q.D1, q.HA)
+
+
+class _DefaultTargets(Mapping):
+    """``DEFAULT_TARGETS``: method name -> its default target, a live view of the registry."""
+
+    def __getitem__(self, name: str) -> str:
+        if name not in _REGISTRY:
+            raise KeyError(name)
+        return _REGISTRY[name].default_target
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(names())
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+
+DEFAULT_TARGETS: Mapping[str, str] = _DefaultTargets()

@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 from jax.experimental import jet as jet_lib
 from jax.extend import core as jex_core
@@ -71,8 +72,13 @@ BILINEAR: frozenset[str] = frozenset({"mul", "dot_general", "conv_general_dilate
 # (``max(x, 0)``, max pooling written with ``max``, ``abs``), so zero terms stay zero.
 PER_TERM: frozenset[str] = frozenset({"max", "min", "abs", "reduce_max", "reduce_min",
                                       "cummax", "cummin"})
+# Piecewise-linear primitives without a usable per-term jet rule (max pooling, sorting,
+# clamping): term k is the primitive's JVP applied to term k, exact wherever the JVP
+# rule is defined, and zero terms stay zero.
+PER_TERM_BY_JVP: frozenset[str] = frozenset({"reduce_window_max", "reduce_window_min",
+                                             "sort", "clamp"})
 # Primitives allowed in a custom_jvp function that is treated as piecewise linear.
-_PIECEWISE_LINEAR_BODY = LINEAR | PER_TERM | frozenset({
+_PIECEWISE_LINEAR_BODY = LINEAR | PER_TERM | PER_TERM_BY_JVP | frozenset({
     "gt", "lt", "ge", "le", "eq", "ne", "and", "or", "not", "sign", "stop_gradient",
     "pjit", "jit", "iota",
 })
@@ -97,18 +103,57 @@ def line_derivatives(
 
     ``f`` returns one array; exact for every primitive with a JVP rule.
     """
-    closed = jax.make_jaxpr(f)(x)
-    if len(closed.jaxpr.outvars) != 1:
-        raise ValueError("line_derivatives expects f to return a single array.")
-    series_in = [e] + [None] * (order - 1)
-    (primal_out,), (terms_out,) = _eval_jaxpr(closed.jaxpr, closed.consts, [x], [series_in],
-                                              order)
+    primal_out, terms_out = line_terms(f, x, e, order)
     out = []
     for k in range(order):
         t = None if terms_out is None else terms_out[k]
         t = jnp.zeros_like(primal_out) if t is None else t * math.factorial(k + 1)
         out.append(t)
     return tuple(out)
+
+
+def line_terms(
+    f: Callable[[jax.Array], Any], x: jax.Array, e: jax.Array, order: int = 3
+) -> tuple[Any, list[Any | None] | None]:
+    """``(f(x), terms)``: the Taylor coefficients ``[c_1, ..., c_order]`` of
+    ``t -> f(x + t e)`` (``c_k = d^k/dt^k / k!``), ``None`` where a coefficient is zero
+    by construction (or ``terms`` None when no coefficient is). ``f`` returns one array."""
+    closed = jax.make_jaxpr(f)(x)
+    if len(closed.jaxpr.outvars) != 1:
+        raise ValueError("line_derivatives expects f to return a single array.")
+    series_in = [e] + [None] * (order - 1)
+    (primal_out,), (terms_out,) = _eval_jaxpr(closed.jaxpr, closed.consts, [x], [series_in],
+                                              order)
+    return primal_out, terms_out
+
+
+def is_structurally_piecewise_linear(f: Callable[[jax.Array], Any], x: Any) -> bool:
+    """Whether ``f`` is piecewise linear in ``x`` *by construction*, as autodiff sees it:
+    the 2nd and 3rd Taylor coefficients of ``f`` along any line through ``x`` are
+    symbolic zeros of :func:`line_terms` (every primitive on a path from ``x`` to the
+    output is linear, piecewise linear -- ``max``, ReLU, max pooling, ``abs`` -- or
+    bilinear with a constant operand).
+
+    Decided by tracing only (``jax.eval_shape``): nothing is computed, ``x`` may be
+    abstract or traced (works under ``jit``), and the answer does not depend on the
+    direction. It implies the numerical certificate of
+    :func:`jaxcam.derivatives.is_piecewise_linear` (exact zeros along random
+    directions); the converse can fail only for functions that are linear by
+    cancellation (e.g. ``x * x - x * x``), which then take the general path.
+    ``f`` may return a pytree of arrays.
+    """
+    found: dict[str, bool] = {}
+
+    def probe(x):
+        def flat(a):
+            return jax.flatten_util.ravel_pytree(f(a))[0]
+
+        _, terms = line_terms(flat, x, x)
+        found["linear"] = terms is None or all(t is None for t in terms[1:])
+        return None
+
+    jax.eval_shape(probe, x)
+    return found["linear"]
 
 
 # --------------------------------------------------------------------------- interpreter
@@ -171,7 +216,8 @@ def _eval_eqn(eqn, xs, ss, order):
         return _linear(eqn, xs, ss, order, linear_operands=(0,))
     if name in PER_TERM:
         return _per_term(eqn, xs, ss, order)
-    if name == "custom_jvp_call" and _piecewise_linear(eqn.params["call_jaxpr"].jaxpr):
+    if name in PER_TERM_BY_JVP or (
+            name == "custom_jvp_call" and _piecewise_linear(eqn.params["call_jaxpr"].jaxpr)):
         return _per_term_jvp(eqn, xs, ss, order)
     rule = _jet_rules.get(eqn.primitive)
     if rule is not None:
@@ -260,8 +306,8 @@ def _per_term(eqn, xs, ss, order):
 
 
 def _per_term_jvp(eqn, xs, ss, order):
-    """Piecewise-linear ``custom_jvp`` function: term k is its custom JVP applied to
-    term k (exact: its higher derivatives vanish wherever the rule is defined)."""
+    """Piecewise-linear primitive or ``custom_jvp`` function: term k is its JVP applied
+    to term k (exact: its higher derivatives vanish wherever the rule is defined)."""
     float_in = [i for i, s in enumerate(ss) if s is not None]
 
     def fn(*fl):

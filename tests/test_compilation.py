@@ -214,8 +214,8 @@ def test_taylor_chunk_size_bounds_the_compiled_scratch_memory(tiny):
     model, variables = tiny
     A = model.features(variables, tiny_images(1), "block3")  # (1, 8, 8, 16): 1024 coords
     f = lambda a: jnp.exp(model.head(variables, a, "block3")[:, 0])
-    small = lambda a: jaxcam.diagonal_derivatives(f, a, method="taylor", chunk_size=8)
-    large = lambda a: jaxcam.diagonal_derivatives(f, a, method="taylor", chunk_size=1024)
+    small = lambda a: jaxcam.diagonal_derivatives(f, a, engine="taylor", chunk_size=8)
+    large = lambda a: jaxcam.diagonal_derivatives(f, a, engine="taylor", chunk_size=1024)
     t_small, t_large = _temp_bytes(small, A), _temp_bytes(large, A)
     assert t_small * 4 < t_large, (t_small, t_large)
     for d_small, d_large in zip(jax.jit(small)(A), jax.jit(large)(A), strict=True):

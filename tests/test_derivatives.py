@@ -285,4 +285,20 @@ def test_errors():
     with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
         _dd(pl, A, "taylor", "exp", chunk_size=0)
     with pytest.raises(ValueError, match="needs concrete activations"):
-        jax.jit(lambda a: _dd(pl, a, "auto", "exp"))(A)
+        jax.jit(lambda a: deriv.is_piecewise_linear(pl, a))(A)
+
+
+def test_structural_certificate_works_under_jit_and_agrees_with_the_numerical_one():
+    """certify() decides by tracing only, so 'auto' works inside jit (the numerical
+    certificate cannot), and it agrees with the numerical check on every test head."""
+    A = make_A(0)
+    for kind in PL_HEADS + SMOOTH_HEADS:
+        head = make_head(kind, 0)
+        assert deriv.certify(head, A) == deriv.is_piecewise_linear(head, A) == (kind in PL_HEADS)
+        assert jax.jit(lambda a, head=head: jnp.asarray(deriv.certify(head, a)))(A) == (
+            kind in PL_HEADS)
+    pl = make_head("maxpool_mlp", 0)
+    eager = _dd(pl, A, "auto", "softmax")
+    jitted = jax.jit(lambda a: _dd(pl, a, "auto", "softmax"))(A)
+    for e, j in zip(eager, jitted, strict=True):
+        np.testing.assert_allclose(j, e, rtol=2e-5, atol=1e-6 * float(jnp.abs(e).max()))

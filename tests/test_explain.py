@@ -49,7 +49,7 @@ class TinyModel:
         pooled = x.reshape(b, h // 4, 4, w // 4, 4, 3).mean((2, 4))
         return jax.nn.relu(pooled @ variables["params"]["conv"])
 
-    def head(self, variables, A, layer=None):
+    def head(self, variables, A, layer=None, x=None):
         p = variables["params"]
         if self.kind == "gap":
             return A.mean((1, 2)) @ p["dense"]
@@ -100,8 +100,11 @@ def test_explain_weights_equal_the_method_functions():
     head = lambda a: model.head(v, a)
     cls = jnp.array([0, 1, 2])
     D = deriv.diagonal_derivatives(None, A, "taylor", head=head, target="exp", class_idx=cls)
-    np.testing.assert_allclose(exs["gradcam++"].weights, methods.gradcam_pp_weights(A, *D),
-                               rtol=2e-4, atol=1e-6)
+    # weights are reported up to the positive factor exp(log_scale) (= e^{S_c} for exp)
+    pp = exs["gradcam++"]
+    np.testing.assert_allclose(pp.log_scale, head(A)[jnp.arange(3), cls], rtol=1e-6)
+    np.testing.assert_allclose(jnp.exp(pp.log_scale)[:, None] * pp.weights,
+                               methods.gradcam_pp_weights(A, *D), rtol=2e-4, atol=1e-6)
     D1 = deriv.diagonal_derivatives(None, A, "closed_form", head=head, target="logit",
                                     class_idx=cls)[0] / jnp.exp(head(A)[jnp.arange(3), cls]
                                                                 )[:, None, None, None]

@@ -30,6 +30,7 @@ def test_named_targets_match_their_definitions(x64):
         "softmax": np.exp(S[2]) / np.sum(np.exp(np.asarray(S))),
         "log_softmax": S[2] - lse,
         "rest": 2 * S[2] - lse,
+        "sigmoid": 1.0 / (1.0 + np.exp(-S[2])),
     }
     for name in targets.TARGETS:
         np.testing.assert_allclose(targets.get_target(name)(S, c), expected[name], rtol=1e-12)
