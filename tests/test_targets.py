@@ -110,3 +110,132 @@ def test_unknown_target_names_the_valid_ones():
         targets.validate_target("prob")
     with pytest.raises(ValueError, match="callable phi"):
         targets.validate_target(3)
+
+
+# --------------------------------------------------------------------------- beyond one logit
+
+B_, H_, W_, K_ = 2, 4, 4, 3
+
+
+def _seg_head(smooth, seed=0):
+    """A tiny decoder: 1x1 conv K -> 5 classes, ReLU (or SiLU), 2x nearest upsampling:
+    (B, 4, 4, K) -> (B, 8, 8, 5)."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 2)
+    Wc = jax.random.normal(k[0], (K_, 5))
+    b = 0.3 * jax.random.normal(k[1], (5,))
+    act = jax.nn.silu if smooth else (lambda z: jnp.maximum(z, 0.0))
+
+    def head(A):
+        z = act(jnp.einsum("bhwk,kc->bhwc", A, Wc) + b)
+        return jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2)
+
+    return head
+
+
+def _mlp_head(smooth, out, seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 2)
+    n = H_ * W_ * K_
+    W1 = jax.random.normal(k[0], (n, 6)) / np.sqrt(n)
+    W2 = jax.random.normal(k[1], (6, out))
+    act = jax.nn.softplus if smooth else (lambda z: jnp.maximum(z, 0.0))
+    return lambda A: act(A.reshape(A.shape[0], -1) @ W1) @ W2
+
+
+def _A(seed):
+    return jax.random.normal(jax.random.PRNGKey(seed + 50), (B_, H_, W_, K_))
+
+
+GENERAL_TARGETS = {
+    "sigmoid": (lambda: "sigmoid", lambda s: _mlp_head(s, 4), [1, 3]),
+    "regression": (lambda: targets.regression(), lambda s: _mlp_head(s, 1), None),
+    "regression_index_exp": (lambda: targets.regression(index=2, link="exp"),
+                             lambda s: _mlp_head(s, 3), None),
+    "regression_fn": (lambda: targets.regression(fn=lambda o: jnp.tanh(o[0]) * o[1]),
+                      lambda s: _mlp_head(s, 2), None),
+    "segmentation_mask": (
+        lambda: targets.segmentation(mask=(jnp.arange(64).reshape(8, 8) % 3 == 0),
+                                     link="exp"),
+        lambda s: _seg_head(s), [2, 4]),
+    "segmentation_box": (lambda: targets.segmentation(box=(1, 2, 6, 7)), lambda s: _seg_head(s),
+                         [0, 1]),
+    "segmentation_per_image": (
+        lambda: targets.segmentation(mask=jax.random.uniform(jax.random.PRNGKey(9), (2, 8, 8))),
+        lambda s: _seg_head(s), [3, 3]),
+}
+
+
+def _derivs(head, A, target, cls, engine):
+    from jaxcam import derivatives as deriv
+
+    return deriv.diagonal_derivatives(None, A, engine, head=head, target=target,
+                                      class_idx=cls, normalized=True)
+
+
+@pytest.mark.parametrize("name", sorted(GENERAL_TARGETS))
+def test_general_targets_factored_equals_taylor_and_smooth_heads_break_the_closed_form(
+        x64, name):
+    """Multi-label (sigmoid), regression and segmentation targets: the factored engine
+    (one VJP for linear scores, the full Jacobian for a general fn) equals per-coordinate
+    Taylor mode through a piecewise-linear head; through a smooth one the closed form's
+    D2 is not the exact D2."""
+    make_target, make_head, cls = GENERAL_TARGETS[name]
+    A = _A(1)
+    for smooth in (False, True):
+        head, target = make_head(smooth), make_target()
+        taylor = _derivs(head, A, target, cls, "taylor")
+        if not smooth:
+            factored = _derivs(head, A, target, cls, "factored")
+            for r, g in zip(taylor, factored, strict=True):
+                np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12 * float(
+                    jnp.abs(r).max() + 1e-300))
+        closed = _derivs(head, A, target, cls, "closed_form")
+        if smooth or name in ("sigmoid", "regression_fn"):
+            d2 = np.asarray(taylor.D2)
+            rel = np.abs(np.asarray(closed.D2) - d2).max() / np.abs(d2).max()
+            assert rel > 1e-3, (name, smooth, rel)
+
+
+def test_linear_targets_through_piecewise_linear_heads_have_exactly_zero_d2(x64):
+    """Identity link + linear score + piecewise-linear head: D2 = D3 = 0 exactly (so
+    explain refuses exact Grad-CAM++ there); with link='exp' the exact derivatives
+    are the closed form's (paper eq. 19)."""
+    A = _A(2)
+    head = _seg_head(False)
+    plain = _derivs(head, A, targets.segmentation(box=(0, 0, 8, 8)), [1, 2], "taylor")
+    assert np.all(np.asarray(plain.D2) == 0) and np.all(np.asarray(plain.D3) == 0)
+    with_exp = targets.segmentation(box=(0, 0, 8, 8), link="exp")
+    exact = _derivs(head, A, with_exp, [1, 2], "taylor")
+    closed = _derivs(head, A, with_exp, [1, 2], "closed_form")
+    for e, c in zip(exact, closed, strict=True):
+        np.testing.assert_allclose(c, e, rtol=1e-10, atol=1e-14)
+
+
+def test_target_errors_name_the_fix():
+    with pytest.raises(ValueError, match="mask= or box=, not both"):
+        targets.segmentation(mask=jnp.ones((2, 2)), box=(0, 0, 1, 1))
+    with pytest.raises(ValueError, match="box .* is empty"):
+        targets.segmentation(box=(3, 0, 3, 4))
+    with pytest.raises(ValueError, match=r"mask must be \(H, W\) or \(B, H, W\)"):
+        targets.segmentation(mask=jnp.ones(4))
+    with pytest.raises(ValueError, match="index= or fn=, not both"):
+        targets.regression(index=0, fn=jnp.sum)
+    with pytest.raises(ValueError, match="Unknown link 'softplus'"):
+        targets.regression(link="softplus")
+    head = _mlp_head(False, 3)
+    with pytest.raises(ValueError, match="one output value per image.*pass index="):
+        _derivs(head, _A(0), targets.regression(), None, "taylor")
+    seg = _seg_head(False)
+    with pytest.raises(ValueError, match="mask has shape .* output is 8x8"):
+        _derivs(seg, _A(0), targets.segmentation(mask=jnp.ones((4, 4))), [0, 0], "taylor")
+    with pytest.raises(ValueError, match="needs class_idx="):
+        _derivs(seg, _A(0), targets.segmentation(), None, "taylor")
+
+
+def test_sigmoid_link_factor_is_finite_for_saturated_logits():
+    """L = log sigma(s) + log sigma(-s) stays finite where sigma (1 - sigma) underflows."""
+    s = jnp.array([-1e4, -100.0, 0.0, 100.0, 1e4], jnp.float32)
+    r1, r2, r3, L = targets.link_derivatives("sigmoid", s)
+    assert np.all(np.isfinite(np.asarray(L)))
+    np.testing.assert_allclose(L, -np.abs(np.asarray(s)) - 2 * np.log1p(np.exp(
+        -np.abs(np.asarray(s), dtype=np.float64))), rtol=1e-6)
+    np.testing.assert_allclose(r2, [1, 1, 0, -1, -1], atol=1e-6)
