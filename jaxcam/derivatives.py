@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcam import methods as methods_lib
 from jaxcam import series
@@ -165,6 +166,61 @@ def taylor_derivatives_at(
 
     out = jax.lax.map(one, coordinates, batch_size=chunk)  # (n, 3, B)
     out = jnp.moveaxis(out, 0, -1)  # (3, B, n)
+    return out[0], out[1], out[2]
+
+
+RowHeadFn = Callable[[jax.Array, jax.Array], Any]
+
+
+def _grid_tokens(A: jax.Array, grid: GridFn) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """``(tokens (h*w,), (h, w))`` when ``A`` is (B, N, D) tokens and the grid's cell
+    ``(i, j)`` holds exactly the D values of one token, in order; else None."""
+    if A.ndim != 3:
+        return None
+    n, d = A.shape[1:]
+    with jax.ensure_compile_time_eval():
+        coords = np.asarray(grid(jnp.arange(n * d, dtype=jnp.int32).reshape(1, n, d)))
+    if coords.ndim != 4 or coords.shape[-1] != d:
+        return None
+    cells = coords[0].reshape(-1, d)
+    if not (np.all(cells % d == np.arange(d)) and np.all(cells // d == cells[:, :1] // d)):
+        return None
+    return cells[:, 0] // d, coords.shape[1:3]
+
+
+def taylor_rows(
+    s_row: Callable[[jax.Array, jax.Array], jax.Array],
+    A: jax.Array,
+    tokens: Any,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`taylor_derivatives` for token activations ``A`` (B, N, D), one token row
+    at a time: ``(s1, s2, s3)`` of shape (B, T, D) at the ``T`` rows ``tokens``.
+
+    ``s_row(t, a) -> (B,)`` is the score with row ``t`` of ``A`` replaced by ``a``
+    (B, D), every other row held at its value. It equals ``s(A.at[:, t].set(a))``
+    and is exact for the same reason, but may compute only what row ``t`` reaches: a
+    ViT head at the last block's first LayerNorm, read at the class token, needs the
+    perturbed token's key and value rows and one token's MLP per coordinate instead
+    of the whole block over every token (about N times less work).
+    """
+    batch, _, d = A.shape
+    tokens = jnp.asarray(tokens, jnp.int32)
+    chunk = _auto_chunk(batch * d, d, chunk_size)
+
+    def per_token(t):
+        a0 = jax.lax.dynamic_index_in_dim(A, t, axis=1, keepdims=False)  # (B, D)
+        f = lambda a: s_row(t, a)
+
+        def one(k):
+            e = jnp.broadcast_to(jax.nn.one_hot(k, d, dtype=A.dtype), a0.shape)
+            return jnp.stack(line_derivatives(f, a0, e))  # (3, B)
+
+        return jax.lax.map(one, jnp.arange(d), batch_size=chunk)  # (D, 3, B)
+
+    out = jax.lax.map(per_token, tokens)  # (T, D, 3, B)
+    out = jnp.transpose(out, (2, 3, 0, 1))  # (3, B, T, D)
     return out[0], out[1], out[2]
 
 
@@ -499,6 +555,7 @@ def target_derivatives(
     chunk_size: int | None = None,
     class_chunk_size: int | None = None,
     linear_head: tuple[jax.Array, jax.Array] | None = None,
+    row_head: RowHeadFn | None = None,
 ) -> tuple[Derivatives, str]:
     """The one dispatcher: ``(Derivatives on the grid, engine used)``.
 
@@ -512,6 +569,10 @@ def target_derivatives(
       to_grid: ``(B, ...) -> (B, h, w, K)`` re-indexing applied to the results
         (``taylor`` evaluates only the coordinates it keeps); None: identity.
       chunk_size, class_chunk_size, linear_head: see :func:`diagonal_derivatives`.
+      row_head: for token activations ``A`` (B, N, D), ``g(t, a) -> out`` equal to
+        ``head(A with row t replaced by a)`` (a (B, D)) but computing only what row t
+        reaches (a ViT head read at the class token: see :func:`taylor_rows`);
+        used by ``taylor`` when the grid keeps whole token rows.
     """
     engine, certified = resolve_engine(engine, head, A, target,
                                        None if primal is None else primal[0],
@@ -520,7 +581,13 @@ def target_derivatives(
     s_fn = lambda a: targets_lib.inner_scores(target, head(a), c, data)
     if engine == "taylor":
         s0 = s_fn(A)
-        if to_grid is None:
+        tokens = None if row_head is None else _grid_tokens(A, grid)
+        if tokens is not None:
+            s_row = lambda t, a: targets_lib.inner_scores(target, row_head(t, a), c, data)
+            s1, s2, s3 = taylor_rows(s_row, A, tokens[0], chunk_size=chunk_size)
+            s1, s2, s3 = (d.reshape((A.shape[0],) + tokens[1] + (A.shape[2],))
+                          for d in (s1, s2, s3))
+        elif to_grid is None:
             s1, s2, s3 = taylor_derivatives(s_fn, A, chunk_size=chunk_size)
         else:
             n = math.prod(A.shape[1:])

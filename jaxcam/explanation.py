@@ -219,7 +219,7 @@ class _Context:
                 certified=certified, primal=(self.out, self.vjp_fn), to_grid=self.to_grid,
                 chunk_size=self.options["chunk_size"],
                 class_chunk_size=self.options["class_chunk_size"],
-                linear_head=self.linear_head_or_none())
+                linear_head=self.linear_head_or_none(), row_head=self.row_head())
             self.info.setdefault("engines", {})[target.name] = resolved
             return D
         return self.cached(("higher", target), make)
@@ -230,6 +230,14 @@ class _Context:
                 self.head, self.A_raw, target, self.class_idx, data)
             return self.grid(ha), log_scale
         return self.cached(("HA", target), make)
+
+    def row_head(self):
+        """The model's per-token restriction of the head, if it has one at this layer."""
+        fn = getattr(self.model, "row_head", None)
+        if fn is None:
+            return None
+        return fn(_cast_floats(self.variables, self.dtype), self.A_raw, self.layer,
+                  x=self.images.astype(self.dtype))
 
     def linear_head_or_none(self):
         fn = getattr(self.model, "linear_head", None)
