@@ -27,6 +27,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "derivatives": ("jaxcam.derivatives", None),
     "preprocessing": ("jaxcam.preprocessing", None),
     "io": ("jaxcam.io", None),
+    "series": ("jaxcam.series", None),
+    "distributed": ("jaxcam.distributed", None),
+    "dataset_explain": ("jaxcam.dataset_explain", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
@@ -37,6 +40,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Preprocessing": ("jaxcam.preprocessing", "Preprocessing"),
     "load_image": ("jaxcam.io", "load_image"),
     "convert": ("jaxcam.weights", "convert"),
+    "explain_dataset": ("jaxcam.dataset_explain", "explain_dataset"),
+    "explain_batches": ("jaxcam.dataset_explain", "explain_batches"),
+    "load_explanations": ("jaxcam.dataset_explain", "load_explanations"),
 }
 
 __all__ = sorted(_EXPORTS)

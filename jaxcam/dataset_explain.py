@@ -1,11 +1,12 @@
 """Explain a whole dataset: stream batches, shard each over the devices, write maps as they come.
 
-``explain_dataset`` runs ``jaxcam.explain`` on every batch of an iterable (for
-example ``jaxcam.data.batches(...)``), each batch split over all devices with
-a data-parallel mesh (``jaxcam.distributed``), and writes one ``.npz`` file
-per batch plus a ``manifest.json`` after every batch. Started again on the
-same ``out_dir`` it skips the batches already written, so a long run that is
-interrupted loses at most one batch.
+``explain_batches`` is the in-memory iterator (shard, pad, explain, yield) that
+everything which explains more than one batch uses; ``explain_dataset`` runs
+it over an iterable of batches (for example ``jaxcam.data.batches(...)``), each
+batch split over all devices with a data-parallel mesh (``jaxcam.distributed``),
+and writes one ``.npz`` file per batch plus a ``manifest.json`` after every
+batch. Started again on the same ``out_dir`` it skips the batches already
+written, so a long run that is interrupted loses at most one batch.
 
 Layout of ``out_dir``::
 
@@ -22,10 +23,11 @@ rows to ``batch_XXXXXX.pNN.npz`` and ``manifest.pNN.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,78 @@ def _write_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExplainedBatch:
+    """One explained batch of :func:`explain_batches`.
+
+    Attributes:
+      step: the batch's step number; batch: the batch as the iterable gave it;
+      batch_images: its images (numpy, this process's rows);
+      images: the images as explained: padded to a multiple of the local devices
+        and sharded over the mesh; rows: how many of them are real (this process);
+      explanations: method name -> :class:`jaxcam.Explanation` of ``images``.
+    """
+
+    step: int
+    batch: Any
+    batch_images: np.ndarray
+    images: jax.Array
+    rows: int
+    explanations: dict[str, Any]
+
+    def local(self, array: Any) -> np.ndarray:
+        """This process's real rows of a per-image result (padding dropped), as numpy."""
+        return np.asarray(distributed.local_rows(array))[: self.rows]
+
+
+def explain_batches(
+    model: Any,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    methods: str | Sequence[str] = ("gradcam",),
+    *,
+    layer: str | None = None,
+    target: Any = None,
+    derivatives: str = "exact",
+    mesh: jax.sharding.Mesh | None = None,
+    start_step: int = 0,
+    skip: Callable[[int], bool] | None = None,
+    explain_kwargs: Mapping[str, Any] | None = None,
+) -> Iterator[ExplainedBatch]:
+    """Explain every batch of ``batches``, each split over the mesh's devices; yields
+    :class:`ExplainedBatch` in order (nothing is written).
+
+    ``batches``: image arrays ``(B, H, W, 3)`` or dicts with an ``"image"`` entry
+    (``jaxcam.data.batches``); batch ``i`` is step ``start_step + i``; steps for
+    which ``skip(step)`` is true are not explained (nor yielded). Each batch is
+    padded to a multiple of the local devices (``distributed.pad_batch``) and
+    sharded (``mesh`` default: every device); the variables are replicated once.
+    ``methods`` share one forward pass and one set of derivatives per batch.
+    """
+    from jaxcam.explanation import explain
+
+    method_list = [methods] if isinstance(methods, str) else list(methods)
+    mesh = mesh if mesh is not None else distributed.data_mesh()
+    variables = distributed.replicate(variables, mesh)
+    n_local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    kwargs = dict(explain_kwargs or {})
+    for step, batch in enumerate(batches, start=start_step):
+        if skip is not None and skip(step):
+            continue
+        images = np.asarray(_images_of(batch))
+        if images.ndim != 4:
+            raise ValueError(
+                f"batch {step}: images must be (B, H, W, 3); got shape {images.shape}."
+            )
+        padded, n = distributed.pad_batch(images, n_local)
+        x = distributed.shard_batch(padded, mesh)
+        result = explain(model, variables, x, method=method_list if len(method_list) > 1
+                         else method_list[0], layer=layer, target=target,
+                         derivatives=derivatives, **kwargs)
+        by_method = result if isinstance(result, Mapping) else {method_list[0]: result}
+        yield ExplainedBatch(step, batch, images, x, n, dict(by_method))
+
+
 def explain_dataset(
     model: Any,
     variables: Mapping[str, Any],
@@ -132,8 +206,6 @@ def explain_dataset(
       The manifest (a dict): ``config``, ``batches`` (step -> file, rows,
       metric means), ``rows`` and per-method metric means over all rows written.
     """
-    from jaxcam.explanation import explain
-
     method_list = [methods] if isinstance(methods, str) else list(methods)
     if not method_list:
         raise ValueError("methods is empty; name at least one method, e.g. methods=['gradcam'].")
@@ -184,45 +256,33 @@ def explain_dataset(
             if (out / entry["file"]).exists()
         }
 
-    mesh = mesh if mesh is not None else distributed.data_mesh()
-    variables = distributed.replicate(variables, mesh)
-    n_local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
     store_dtype = np.float16 if maps_dtype == "float16" else np.float32
-    kwargs = dict(explain_kwargs or {})
-
-    iterator: Iterable[Any] = enumerate(batches, start=start_step)
+    done = lambda step: f"{step:06d}" in manifest["batches"]
+    explained = explain_batches(
+        model, variables, batches, method_list, layer=layer, target=target,
+        derivatives=derivatives, mesh=mesh, start_step=start_step, skip=done,
+        explain_kwargs=explain_kwargs)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="explain_dataset", unit="batch")
-    for step, batch in iterator:
-        key = f"{step:06d}"
-        if key in manifest["batches"]:
-            continue
-        images = np.asarray(_images_of(batch))
-        if images.ndim != 4:
-            raise ValueError(
-                f"batch {step}: images must be (B, H, W, 3); got shape {images.shape}."
-            )
-        padded, n = distributed.pad_batch(images, n_local)
-        x = distributed.shard_batch(padded, mesh)
-        result = explain(model, variables, x, method=method_list if len(method_list) > 1
-                         else method_list[0], layer=layer, target=target,
-                         derivatives=derivatives, **kwargs)
-        by_method = result if isinstance(result, Mapping) else {method_list[0]: result}
+        explained = tqdm(explained, desc="explain_dataset", unit="batch")
+    for item in explained:
+        key, n, x, batch = f"{item.step:06d}", item.rows, item.images, item.batch
+        images = item.batch_images
+        by_method = item.explanations
         arrays: dict[str, np.ndarray] = {}
         metric_means: dict[str, float] = {}
         first = by_method[method_list[0]]
-        arrays["class_idx"] = distributed.local_rows(first.class_idx)[:n]
-        arrays["logits"] = distributed.local_rows(first.logits)[:n]
+        arrays["class_idx"] = item.local(first.class_idx)
+        arrays["logits"] = item.local(first.logits)
         for name in method_list:
             ex = by_method[name]
-            arrays[f"{name}/maps"] = distributed.local_rows(ex.maps)[:n].astype(store_dtype)
-            arrays[f"{name}/raw"] = distributed.local_rows(ex.raw)[:n]
+            arrays[f"{name}/maps"] = item.local(ex.maps).astype(store_dtype)
+            arrays[f"{name}/raw"] = item.local(ex.raw)
             if getattr(ex, "weights", None) is not None:
-                arrays[f"{name}/weights"] = distributed.local_rows(ex.weights)[:n]
+                arrays[f"{name}/weights"] = item.local(ex.weights)
             for metric, fn in metrics.items():
-                values = np.asarray(distributed.local_rows(fn(ex, x)))[:n].astype(np.float64)
+                values = item.local(fn(ex, x)).astype(np.float64)
                 arrays[f"{name}/{metric}"] = values
                 metric_means[f"{name}/{metric}"] = float(values.mean())
         for field_name, values in _passthrough(batch).items():
