@@ -211,6 +211,11 @@ def initialize_distributed(
     ``num_processes`` and ``process_id``, or set the environment variables
     ``JAXCAM_COORDINATOR``, ``JAXCAM_NUM_PROCESSES`` and ``JAXCAM_PROCESS_ID``.
 
+    CPU processes exchange data through gloo collectives
+    (``jax_cpu_collectives_implementation="gloo"``, set here when a job is
+    joined; without it a multi-process CPU run cannot all-gather). GPU and TPU
+    backends use their own collectives.
+
     Returns ``True`` when a multi-process job was joined, ``False`` when this
     is a plain single-process run (no arguments, no cluster detected, no
     environment variables) — in which case nothing is done, so scripts can call
@@ -248,6 +253,7 @@ def initialize_distributed(
                 raise
             return False
         return jax.process_count() > 1
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

@@ -65,7 +65,8 @@ class Explanation:
         zero after the ReLU); such maps are left as zeros, never NaN.
       finite: (B,) bool, False where the image, the outputs or the raw map hold
         a NaN or an infinity (works under ``jit``; eager calls raise instead,
-        unless ``nonfinite="flag"``).
+        unless ``nonfinite="flag"``; so do calls on arrays another process holds
+        rows of).
       method, layer, target: what was computed (``target`` by name).
       derivatives: ``"exact/factored"``, ``"exact/taylor"``, ``"closed_form"``,
         ``"nested_sum"`` for methods that use D2/D3 (Grad-CAM++), ``""`` otherwise.
@@ -101,6 +102,14 @@ def _model_key(model: Any) -> Any:
 
 def _is_traced(tree: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _on_host(tree: Any) -> bool:
+    """Whether every leaf can be read here: concrete, and (in a multi-process job)
+    fully addressable by this process."""
+    return not any(isinstance(x, jax.core.Tracer) or (
+        isinstance(x, jax.Array) and not x.is_fully_addressable)
+        for x in jax.tree_util.tree_leaves(tree))
 
 
 def _methods_tuple(method: Any) -> tuple[tuple[methods_lib.Method, ...], bool]:
@@ -375,7 +384,7 @@ def _build(model, layer, records, tgts, derivatives, engine, options, has_class,
 
 
 def _check_images_finite(images: Any, nonfinite: str) -> None:
-    if nonfinite != "raise" or _is_traced(images):
+    if nonfinite != "raise" or not _on_host(images):
         return
     arr = np.asarray(images, dtype=np.float32).reshape(np.shape(images)[0], -1)
     bad = np.flatnonzero(~np.all(np.isfinite(arr), axis=1))
@@ -541,7 +550,7 @@ def explain(
             degenerate=degenerate, finite=finite, log_scale=log_scale, method=record.name,
             layer=layer, target=t.name, derivatives=used,
         )
-    if nonfinite == "raise" and not _is_traced((variables, images)):
+    if nonfinite == "raise" and _on_host(images) and not _is_traced(variables):
         bad = sorted({int(i) for ex in results.values()
                       for i in np.flatnonzero(~np.asarray(ex.finite))})
         if bad:

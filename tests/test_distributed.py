@@ -314,3 +314,75 @@ def test_explain_dataset_names_the_missing_image_entry(tiny, tmp_path):
 def test_load_explanations_without_a_manifest_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="explain_dataset"):
         load_explanations(tmp_path)
+
+
+# ----------------------------------------------------------------- two processes
+
+PROCESS_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from jaxcam import distributed
+    assert distributed.initialize_distributed()
+    import jax
+    from jaxcam.dataset_explain import explain_dataset
+    from test_compilation import tiny_images, tiny_model, tiny_variables
+
+    model = tiny_model()
+    variables = tiny_variables(model)
+    x = np.asarray(tiny_images(8))
+    rank = jax.process_index()
+    # each process feeds its own half of every global batch of 8
+    batches = [{"image": x[4 * rank:4 * rank + 4], "index": np.arange(4) + 4 * rank}]
+    explain_dataset(model, variables, batches, sys.argv[1], %(methods)r, progress=False)
+    print("RESULT " + json.dumps({"processes": jax.process_count(),
+                                  "devices": jax.device_count(),
+                                  "gloo": jax.config.jax_cpu_collectives_implementation}))
+    """
+) % {"methods": METHODS}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_localhost_give_the_one_process_rows(tmp_path):
+    """2 processes x 2 CPU devices (gloo collectives) write the same explain_dataset
+    rows as a single process explaining the whole batch."""
+    from test_compilation import tiny_images, tiny_model, tiny_variables
+
+    import jaxcam
+
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                            + " --xla_force_host_platform_device_count=2").strip()
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+        env.update(JAXCAM_COORDINATOR=f"127.0.0.1:{port}", JAXCAM_NUM_PROCESSES="2",
+                   JAXCAM_PROCESS_ID=str(rank))
+        procs.append(subprocess.Popen([sys.executable, "-c", PROCESS_WORKER, str(tmp_path)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=ROOT))
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, err[-3000:]
+        reports.append(json.loads(lines[-1][len("RESULT "):]))
+    assert all(r == {"processes": 2, "devices": 4, "gloo": "gloo"} for r in reports)
+    loaded = load_explanations(tmp_path)
+    model = tiny_model()
+    ref = jaxcam.explain(model, tiny_variables(model), np.asarray(tiny_images(8)),
+                         method=METHODS)
+    order = np.argsort(loaded["index"])
+    np.testing.assert_array_equal(loaded["index"][order], np.arange(8))
+    for m in METHODS:
+        diff = np.abs(loaded[m + "/maps"][order] - np.asarray(ref[m].maps)).max()
+        assert diff <= 1e-5, (m, diff)

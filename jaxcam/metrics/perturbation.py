@@ -212,21 +212,22 @@ def insertion(
     class_idx,
     *,
     step: int | None = None,
-    start="blur",
+    baseline="blur",
     blur_sigma: float = 5.0,
     chunk_size: int = 16,
 ) -> PerturbationCurve:
     """Insertion curve and AUC (RISE): higher is better.
 
-    Point ``k`` is the score of the ``start`` image (default: ``x`` blurred,
+    Point ``k`` is the score of the ``baseline`` image (default: ``x`` blurred,
     sigma 5, 11 taps, as RISE) with its ``min(k * step, H*W)`` most salient pixels
     restored from ``x``; the last point is ``score_fn(x)[c]``. Arguments as
-    :func:`deletion`; ``start`` takes the same values as its ``baseline``.
+    :func:`deletion` (``baseline``: the perturbation baseline, the image insertion
+    starts from and deletion ends at).
     """
     x, maps = check_images_and_maps(x, maps)
     class_idx = check_class_idx(class_idx, x.shape[0])
     check_score_fn(score_fn, x)
-    begin = baseline_images(x, start, blur_sigma=blur_sigma)
+    begin = baseline_images(x, baseline, blur_sigma=blur_sigma)
     return _curve(score_fn, begin, x, maps, class_idx, step, chunk_size)
 
 
