@@ -325,7 +325,7 @@ def scorecam_weights(
     image, whose score ``score_fn(0)`` is computed once. Channels are ordered
     per image with the dead ones last, and a chunk in which every channel of
     every image is dead is skipped (``lax.cond``); the weights are the same as
-    scoring every channel (``tests/test_methods.py``).
+    scoring every channel.
     """
     batch, _, _, channels = A.shape
     size = images.shape[1:3]

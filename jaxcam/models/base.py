@@ -82,10 +82,10 @@ class DepthwiseConv(nn.Module):
 
     ``y[b, i, j, c] = sum_{p,q} x_pad[b, s*i + p, s*j + q, c] * kernel[p, q, 0, c]``
     (+ ``bias[c]``). Same parameters (``kernel`` ``(k, k, 1, C)``, HWIO) and the
-    same numbers as ``nn.Conv(feature_group_count=C)`` up to float rounding
-    (``tests/test_models.py``), but XLA:CPU lowers grouped convolutions 6-40x
-    slower than these fused elementwise ops (measured on this project's CPU,
-    ``docs/performance.md``); all ops are linear, so Taylor mode stays exact.
+    same numbers as ``nn.Conv(feature_group_count=C)`` up to float rounding, but
+    XLA:CPU lowers grouped convolutions several times slower than these fused
+    elementwise ops (timings in ``docs/performance.md``); all ops are linear, so
+    Taylor mode stays exact.
     """
 
     features: int
