@@ -336,7 +336,7 @@ def train_on_synthetic(model, variables, out: Path, *, arch: str, synthetic_conf
 def evaluate_split(config, model, variables, source, num_classes: int,
                    predict_fn=None) -> dict[str, Any]:
     import jaxcam.data as jdata
-    from jaxcam import train
+    from jaxcam import metrics, train
 
     out = train.predict(
         model, variables,
@@ -345,8 +345,8 @@ def evaluate_split(config, model, variables, source, num_classes: int,
         config.batch_size, predict_fn,
     )
     pred = np.argmax(out["logits"], -1)
-    report = train.classification_report(out["label"], pred, num_classes)
-    report["kappa"] = train.quadratic_weighted_kappa(out["label"], pred, num_classes)
+    report = metrics.classification_report(out["label"], pred, num_classes)
+    report["kappa"] = metrics.quadratic_weighted_kappa(out["label"], pred, num_classes)
     return report
 
 

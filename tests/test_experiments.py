@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from experiments import aptos2019, common, ham10000
-from jaxcam import train
+from jaxcam import metrics
 
 TINY = ["--num-images", "40", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
         "--num-figures", "2", "--num-gif", "3", "--no-progress"]
@@ -42,7 +42,8 @@ def _check_run(out, methods, has_masks=True):
         np.testing.assert_allclose(r["per_class"]["precision"], precision)
         y_true = np.repeat(np.arange(len(cm)), cm.sum(1))
         y_pred = np.concatenate([np.repeat(np.arange(len(cm)), row) for row in cm])
-        assert r["kappa"] == pytest.approx(train.quadratic_weighted_kappa(y_true, y_pred, len(cm)))
+        kappa = metrics.quadratic_weighted_kappa(y_true, y_pred, len(cm))
+        assert r["kappa"] == pytest.approx(kappa)
     assert sum(m["data"]["train_class_counts"]) == n_train
     assert len(m["training"]["history"]) == 1
     ex = m["explanations"]

@@ -14,12 +14,19 @@ submodules:
   pointing game (Wang et al. 2020), multi-instance coverage.
 - :mod:`~jaxcam.metrics.agreement`: Spearman, SSIM (Wang et al. 2004), top-k% IoU.
 - :mod:`~jaxcam.metrics.sanity`: cascading randomisation (Adebayo et al. 2018).
+- :mod:`~jaxcam.metrics.classification`: confusion matrix, precision / recall / F1,
+  quadratic weighted kappa (numpy; for the trained models, not the maps).
 
 See ``docs/metrics.md`` for the conventions and design choices.
 """
 
 from jaxcam.metrics._common import gaussian_blur, saliency_order
 from jaxcam.metrics.agreement import pearson, spearman, ssim, top_k_iou, top_k_mask
+from jaxcam.metrics.classification import (
+    classification_report,
+    confusion_matrix,
+    quadratic_weighted_kappa,
+)
 from jaxcam.metrics.confidence import (
     ConfidenceScores,
     average_drop,
@@ -55,6 +62,9 @@ from jaxcam.metrics.perturbation import (
 from jaxcam.metrics.sanity import SanityResult, cascading_randomization
 
 __all__ = [
+    "classification_report",
+    "confusion_matrix",
+    "quadratic_weighted_kappa",
     "ROAD_NEIGHBOURS",
     "ConfidenceScores",
     "InstanceCoverage",
