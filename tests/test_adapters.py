@@ -452,6 +452,50 @@ def test_nnx_cnn_layers_cut_and_eval_mode():
         lambda a: (a.shape, a.dtype), state)
 
 
+class NNXGapAfterRelu(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)
+        self.act = nnx.Sequential(nnx.relu)  # a module whose output is the ReLU
+        self.fc = nnx.Linear(6, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(self.act(self.conv(x)).mean((1, 2)))
+
+
+def test_nnx_gap_dense_head_is_detected():
+    model, state = from_nnx(NNXGapAfterRelu(nnx.Rngs(0)), input_shape=SHAPE)
+    assert model.default_layer == "act"
+    w, b = model.linear_head(state, "act")
+    np.testing.assert_array_equal(w, state["fc"]["kernel"][...])
+    np.testing.assert_array_equal(b, state["fc"]["bias"][...])
+    x = _images()
+    a = model.features(state, x, "act")
+    np.testing.assert_allclose(model.head(state, a, "act", x=x), a.mean((1, 2)) @ w + b,
+                               rtol=1e-5, atol=1e-6)
+    assert model.linear_head(state, "conv") is None
+
+
+def test_head_under_jit_vmap_and_jvp_equals_the_loop(vit):
+    """What the derivative engines do: jvp of the head along many directions, vmapped,
+    with x and the variables fixed."""
+    _, model, state = vit
+    x = _images()
+    layer = "blocks.1.norm1"
+    a = model.features(state, x, layer)
+    dirs = jax.random.normal(jax.random.key(4), (3, *a.shape))
+
+    def tangent(d):
+        return jax.jvp(lambda a: model.head(state, a, layer, x=x), (a,), (d,))[1]
+
+    batched = jax.jit(jax.vmap(tangent))(dirs)
+    single = jax.jit(tangent)
+    for i in range(3):
+        # batched vs unbatched kernels: float32 rounding of the attention block, values O(1)
+        np.testing.assert_allclose(batched[i], single(dirs[i]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda s, a, x: model.head(s, a, layer, x=x))(
+        state, a, x), model.apply(state, x), rtol=1e-5, atol=1e-5)
+
+
 class SharedNNX(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
