@@ -1,11 +1,21 @@
 """Flax ResNet-50, VGG19 and EfficientNet-B0 with torchvision's architectures,
 cut at named layers into `features` (image -> activations) and `head`
-(activations -> logits). See docs/models.md."""
+(activations -> logits), and adapters that make a user's own linen / NNX module or
+plain JAX functions explainable. See docs/models.md."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from jaxcam.models.adapters import (
+    FunctionsModel,
+    LinenModel,
+    NNXModel,
+    from_functions,
+    from_linen,
+    from_nnx,
+    tokens_to_grid,
+)
 from jaxcam.models.base import Model, Stage
 from jaxcam.models.efficientnet import efficientnet_b0
 from jaxcam.models.resnet import resnet50
@@ -29,4 +39,19 @@ def get(arch: str, num_classes: int = 1000) -> Model:
     return build(num_classes)
 
 
-__all__ = ["ARCHS", "Model", "Stage", "efficientnet_b0", "get", "resnet50", "vgg19"]
+__all__ = [
+    "ARCHS",
+    "FunctionsModel",
+    "LinenModel",
+    "Model",
+    "NNXModel",
+    "Stage",
+    "efficientnet_b0",
+    "from_functions",
+    "from_linen",
+    "from_nnx",
+    "get",
+    "resnet50",
+    "tokens_to_grid",
+    "vgg19",
+]
