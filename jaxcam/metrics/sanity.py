@@ -10,7 +10,7 @@ model learned. Similarity is measured by Spearman rank correlation and SSIM
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -51,6 +51,16 @@ def _minmax(maps: jax.Array) -> jax.Array:
     return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1), 0.0)
 
 
+def _parameter_groups(variables: Any) -> tuple[Mapping[str, Any], Callable[[dict], Any]]:
+    """``(groups, rebuild)``: the top-level parameter groups and how to put a changed
+    copy back: ``variables["params"]`` for linen-style dicts, the state itself for NNX."""
+    if isinstance(variables, Mapping) and "params" in variables:
+        return variables["params"], lambda new: {**variables, "params": dict(new)}
+    if type(variables).__name__ == "State" and isinstance(variables, Mapping):
+        return variables, lambda new: type(variables)(dict(new))
+    raise ValueError("variables must be a dict with a 'params' collection or an nnx.State.")
+
+
 def cascading_randomization(
     model: Any,
     variables: dict,
@@ -63,15 +73,18 @@ def cascading_randomization(
 ) -> SanityResult:
     """Cascading model-parameter randomisation (Adebayo et al. 2018).
 
-    Walks ``model.param_order`` (top-level keys of ``variables["params"]``,
-    input -> output) backwards: at step ``s`` the last ``s + 1`` groups hold
-    freshly initialised parameters (from ``init_fn(rng)``, by default
+    Walks ``model.param_order`` (top-level keys of ``variables["params"]``, or of
+    an NNX state, input -> output) backwards: at step ``s`` the last ``s + 1``
+    groups hold freshly initialised parameters (from ``init_fn(rng)``, by default
     ``model.init(rng, image_size=H)``), the rest keep the trained ones. Other
-    collections (``batch_stats``) are kept, as in the paper.
+    collections (``batch_stats``) are kept, as in the paper; an NNX state keeps
+    a module's batch statistics inside its group, so they are re-initialised
+    with it.
 
     Args:
       model: anything with ``param_order`` (and ``init`` unless ``init_fn`` is given).
-      variables: the trained ``{"params": ..., ...}``.
+      variables: the trained ``{"params": ..., ...}`` (linen / jaxcam models) or
+        ``nnx.State`` (``jaxcam.models.from_nnx``; pass ``init_fn``).
       images: ``(B, H, W, 3)`` normalised inputs.
       explain_fn: ``(variables, images) -> (B, H, W)`` maps or an Explanation, e.g.
         ``lambda v, x: jaxcam.explain(model, v, x, method="gradcam", class_idx=c)``.
@@ -91,13 +104,11 @@ def cascading_randomization(
             "model must define param_order (the top-level parameter groups, input -> output) "
             "for cascading randomisation."
         )
-    params = variables.get("params") if isinstance(variables, dict) else None
-    if params is None:
-        raise ValueError("variables must be a dict with a 'params' collection.")
+    params, rebuild = _parameter_groups(variables)
     missing = [g for g in order if g not in params]
     if missing:
         raise ValueError(
-            f"param_order names {missing}, which are not in variables['params'] "
+            f"param_order names {missing}, which are not parameter groups of the variables "
             f"(keys: {sorted(params)})."
         )
     images = jnp.asarray(images)
@@ -109,7 +120,7 @@ def cascading_randomization(
         fresh = model.init(rng, image_size=images.shape[1])
     else:
         fresh = init_fn(rng)
-    fresh_params = fresh["params"]
+    fresh_params = _parameter_groups(fresh)[0]
     for g in order:
         if g not in fresh_params:
             raise ValueError(f"the re-initialised variables have no parameter group {g!r}.")
@@ -126,7 +137,7 @@ def cascading_randomization(
     ref01 = _minmax(original)
     for g in layers:
         current[g] = fresh_params[g]
-        maps = post(_as_maps(explain_fn({**variables, "params": dict(current)}, images)))
+        maps = post(_as_maps(explain_fn(rebuild(current), images)))
         if maps.shape != original.shape:
             raise ValueError(f"explain_fn returned {maps.shape}, expected {original.shape}.")
         all_maps.append(maps)
