@@ -89,10 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--method gradcam++ --top-k 2 --out out/",
     )
     ex.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/BMP/TIFF image files")
-    ex.add_argument("--arch", help=f"architecture of the weights: {arch_help} "
-                    "(required for torchvision files; a jaxcam checkpoint knows its own)")
-    ex.add_argument("--weights", help="torchvision .pth/.pt/.safetensors file or jaxcam "
-                    "checkpoint directory (required; nothing is downloaded)")
+    ex.add_argument("--arch", help=f"architecture of the weights: {arch_help}, or a timm "
+                    "name (vit_base_patch16_224, timm/resnet50, ...); optional: read from the "
+                    "keys of a torchvision/timm file, from a checkpoint's metadata")
+    ex.add_argument("--weights", help="torchvision or timm .pth/.pt/.safetensors file or "
+                    "jaxcam checkpoint directory (required; nothing is downloaded)")
     ex.add_argument("--layer", help="target layer (name or alias); default: the model's "
                     "default layer (layer4, features.36, features.8)")
     ex.add_argument("--method", action="append", dest="methods", metavar="METHOD",
@@ -125,14 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = commands.add_parser(
         "convert",
-        help="convert torchvision weights into a jaxcam checkpoint",
-        description="Convert a torchvision state dict (.pth/.pt/.safetensors) into a jaxcam "
-        "checkpoint directory (weights, architecture, class names, preprocessing).",
+        help="convert torchvision or timm weights into a jaxcam checkpoint",
+        description="Convert a torchvision or timm state dict (.pth/.pt/.safetensors) into a "
+        "jaxcam checkpoint directory (weights, architecture, class names, preprocessing).",
     )
-    cv.add_argument("weights", metavar="WEIGHTS", help="torchvision .pth/.pt/.safetensors file")
+    cv.add_argument("weights", metavar="WEIGHTS",
+                    help="torchvision or timm .pth/.pt/.safetensors file")
     cv.add_argument("out_dir", metavar="OUT_DIR",
                     help="checkpoint directory to create (must not exist, see --overwrite)")
-    cv.add_argument("--arch", required=True, help=arch_help)
+    cv.add_argument("--arch", help=f"{arch_help}, or a timm name (vit_base_patch16_224, "
+                    "timm/resnet50, ...); default: read from the keys")
     cv.add_argument("--class-names", metavar="FILE",
                     help="text file with one class name per line, in class-index order "
                     "(default: ImageNet names for 1000-class weights, none otherwise)")
@@ -266,6 +269,7 @@ def _expand_methods(requested: list[str] | None) -> list[str]:
 
 def _load_weights(weights: str, arch: str | None):
     import jaxcam
+    from jaxcam.weights import model_arch as weights_arch
 
     if not os.path.exists(weights):
         raise UsageError(
@@ -277,7 +281,7 @@ def _load_weights(weights: str, arch: str | None):
     except (ValueError, KeyError, TypeError, OSError) as e:
         what = f" as --arch {arch}" if arch else ""
         raise UsageError(f"cannot load --weights {weights!r}{what}: {_one_line(e)}") from None
-    if arch is not None and bundle.model.arch != arch:
+    if arch is not None and bundle.model.arch != weights_arch(arch):
         raise UsageError(
             f"--weights {weights!r} is a {bundle.model.arch} checkpoint but --arch is {arch}; "
             f"drop --arch or pass --arch {bundle.model.arch}"
@@ -573,9 +577,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         weights.convert(args.weights, args.out_dir, args.arch, class_names=class_names,
                         image_size=args.image_size, overwrite=args.overwrite)
     except (ValueError, KeyError, FileExistsError) as e:
-        raise UsageError(f"cannot convert {args.weights!r} as {args.arch}: {_one_line(e)}"
-                         ) from None
-    print(f"converted {args.weights} ({args.arch}) -> {args.out_dir}")
+        what = f" as {args.arch}" if args.arch else ""
+        raise UsageError(f"cannot convert {args.weights!r}{what}: {_one_line(e)}") from None
+    print(f"converted {args.weights} ({args.arch or 'architecture from the keys'}) -> "
+          f"{args.out_dir}")
     print(f"explain with: jaxcam explain IMAGE --weights {args.out_dir}")
     return 0
 

@@ -1,8 +1,8 @@
 """One entry point for every model jaxcam can explain: :func:`load`.
 
 ``load(path)`` accepts a jaxcam checkpoint directory (``jaxcam.checkpoint``,
-made by ``jaxcam convert`` or by training) or a torchvision weights file
-(``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``, ``arch`` required), and returns a
+made by ``jaxcam convert`` or by training) or a torchvision or timm weights file
+(``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``, told apart by its keys), and returns a
 :class:`LoadedModel`: the model, its variables, the class names and the
 preprocessing its inputs need. ``explain``, the CLI and the experiments call it.
 """
@@ -50,18 +50,23 @@ class LoadedModel:
 def load(
     path: str | os.PathLike, arch: str | None = None, num_classes: int | None = None
 ) -> LoadedModel:
-    """Load a jaxcam checkpoint directory or a torchvision weights file.
+    """Load a jaxcam checkpoint directory or a torchvision / timm weights file.
 
     Args:
       path: a checkpoint directory (``jaxcam.checkpoint.save`` / ``jaxcam convert``),
-        or a torchvision state dict file ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors``.
-      arch: required for a torchvision file (``"resnet50"``, ``"vgg19"``,
-        ``"efficientnet_b0"``); for a checkpoint it is read from the metadata
-        and, if given, must agree.
+        or a torchvision / timm state dict file ``.pth`` / ``.pt`` / ``.bin`` /
+        ``.safetensors``.
+      arch: for a weights file, optional: the library (torchvision or timm) and the
+        architecture are read from the keys (``jaxcam.weights.detect_source``); give it
+        (``"resnet50"``, ``"vit_b_16"``, timm's ``"vit_base_patch16_224"``,
+        ``"timm/resnet50"``, ...) where the keys are ambiguous (a ResNet-50: torchvision
+        or timm) or to check; for a checkpoint it is read from the metadata and, if
+        given, must agree.
       num_classes: optional check: must equal the loaded classifier's width.
 
-    Torchvision files get torchvision's ImageNet eval preprocessing (224 px)
-    and no class names. Raises FileNotFoundError if ``path`` does not exist and
+    Weights files get their library's eval preprocessing at 224 px (torchvision's
+    ImageNet recipe; timm's crop_pct resize and mean/std, 0.5/0.5 for ViTs) and no
+    class names. Raises FileNotFoundError if ``path`` does not exist and
     ValueError on a mismatch, naming the fix.
     """
     from jaxcam import checkpoint, weights
@@ -70,25 +75,19 @@ def load(
     if not path.exists():
         raise FileNotFoundError(
             f"{str(path)!r} does not exist. jaxcam.load takes a jaxcam checkpoint directory "
-            f"({CHECKPOINT_HINT}) or a torchvision weights file (.pth, .pt, .bin, .safetensors) "
-            "with arch=..."
+            f"({CHECKPOINT_HINT}) or a torchvision / timm weights file (.pth, .pt, .bin, "
+            ".safetensors)"
         )
     if path.is_dir():
         bundle = checkpoint.restore(path)
-        if arch is not None and arch != bundle.model.arch:
+        if arch is not None and weights.model_arch(arch) != bundle.model.arch:
             raise ValueError(
                 f"the checkpoint {str(path)!r} holds a {bundle.model.arch}, but arch={arch!r} "
                 f"was requested; drop arch (--arch) or pass arch={bundle.model.arch!r}"
             )
-    else:
-        if arch is None:
-            raise ValueError(
-                f"{str(path)!r} is a torchvision weights file, which does not say its "
-                f"architecture: pass arch= (--arch), one of {', '.join(weights.ARCHS)}; "
-                f"or convert it once into a checkpoint: {CHECKPOINT_HINT}"
-            )
-        model, variables = weights.load_torchvision(path, arch)
-        bundle = LoadedModel(model, variables, None, Preprocessing.imagenet(224))
+    else:  # torchvision or timm, told apart (and the arch found) by the keys
+        model, variables, prep = weights.load_weights(path, arch)
+        bundle = LoadedModel(model, variables, None, prep)
     if num_classes is not None and int(num_classes) != bundle.model.num_classes:
         raise ValueError(
             f"{str(path)!r} has {bundle.model.num_classes} classes, but num_classes="

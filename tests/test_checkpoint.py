@@ -138,11 +138,12 @@ def test_restore_errors_name_the_fix(tmp_path):
 def test_load_torchvision_files_and_checks(tmp_path):
     weights_file = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in torch_state_dict().items()}, weights_file)
-    with pytest.raises(ValueError, match="does not say its architecture: pass arch="):
-        load(weights_file)
     bundle = load(weights_file, arch=ARCH)
     assert bundle.class_names is None and bundle.preprocessing == Preprocessing.imagenet(224)
     assert_same_variables(model_and_variables()[1], bundle.variables)
+    detected = load(weights_file)  # torchvision's EfficientNet-B0 keys say what it is
+    assert detected.model == bundle.model and detected.preprocessing == bundle.preprocessing
+    assert_same_variables(detected.variables, bundle.variables)
     with pytest.raises(ValueError, match="has 3 classes, but num_classes=7"):
         load(weights_file, arch=ARCH, num_classes=7)
 

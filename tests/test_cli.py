@@ -243,7 +243,9 @@ def _bad_cases(images, ckpt, torch_weights, tmp):
         ([img, *w, "--arch", "vgg19"], r"holds a resnet50, but arch='vgg19'"),
         ([img, "--weights", str(torch_weights), "--arch", "vgg19"],
          r"cannot load --weights '.*resnet50_3\.safetensors' as --arch vgg19: .*missing"),
-        ([img, "--weights", str(torch_weights)], r"does not say its architecture: pass arch="),
+        ([img, "--weights", str(torch_weights)],
+         r"keys are those of a resnet50, which torchvision and timm name alike.*"
+         r"arch='timm/resnet50'"),
         ([img, *w, "--layer", "layer9"], r"--layer: unknown layer 'layer9' for resnet50; "
                                           r"valid layers: .*layer4"),
         ([img, *w, "--method", "gradcam+++"], r"invalid choice: 'gradcam\+\+\+'"),
