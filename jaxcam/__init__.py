@@ -27,16 +27,19 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "derivatives": ("jaxcam.derivatives", None),
     "preprocessing": ("jaxcam.preprocessing", None),
     "io": ("jaxcam.io", None),
+    "loading": ("jaxcam.loading", None),
+    "compilation": ("jaxcam.compilation", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
     "METHODS": ("jaxcam.methods", "METHODS"),
     "diagonal_derivatives": ("jaxcam.derivatives", "diagonal_derivatives"),
     "load": ("jaxcam.loading", "load"),
-    "LoadedModel": ("jaxcam.loading", "LoadedModel"),
+    "LoadedModel": ("jaxcam.checkpoint", "LoadedModel"),
     "Preprocessing": ("jaxcam.preprocessing", "Preprocessing"),
     "load_image": ("jaxcam.io", "load_image"),
-    "convert": ("jaxcam.weights", "convert"),
+    "convert": ("jaxcam.loading", "convert"),
+    "enable_compilation_cache": ("jaxcam.compilation", "enable_compilation_cache"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -41,8 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcam.preprocessing import Preprocessing
-
 StateDict = Mapping[str, np.ndarray]
 
 # The torch module holding each architecture's classifier (its weight is (num_classes, in)).
@@ -526,39 +524,3 @@ def load_torchvision(
             _set_leaf(variables.setdefault(collection, {}), path, value)
     return model, variables
 
-
-def convert(
-    weights_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    arch: str,
-    class_names: list[str] | tuple[str, ...] | None = None,
-    image_size: int = 224,
-    *,
-    resize_size: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """torchvision weights file -> jaxcam checkpoint directory (``jaxcam convert``).
-
-    Strict :func:`load_torchvision`, then :func:`jaxcam.checkpoint.save` with
-    torchvision's eval preprocessing for ``image_size``: resize the shorter
-    side to ``resize_size`` (default ``round(image_size * 256 / 224)``, i.e. 256
-    for 224; torchvision's ResNet-50 ``IMAGENET1K_V2`` weights use 232), centre
-    crop ``image_size``, ImageNet mean/std. ``class_names``, if given, must
-    have one name per classifier output. Returns the checkpoint directory.
-    """
-    from jaxcam import checkpoint
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(out_dir)!r} already exists; choose a new output directory or pass "
-            "overwrite=True (--overwrite)"
-        )
-    # built first: validates image_size / resize_size before the work
-    prep = Preprocessing.imagenet(int(image_size))
-    if resize_size is not None:
-        prep = Preprocessing(image_size=int(image_size), resize_size=int(resize_size))
-    model, variables = load_torchvision(weights_path, arch)
-    return checkpoint.save(
-        out_dir, model, variables, class_names=class_names, preprocessing=prep, overwrite=overwrite
-    )
