@@ -1207,6 +1207,8 @@ def _first_call_cells(config, store, arch, method, files, work: Path, base_env, 
     times: dict[tuple[str, str], list[float]] = {c: [] for c in cells}
     extra: dict[tuple[str, str], dict[str, Any]] = {c: {} for c in cells}
     errors: dict[tuple[str, str], str] = {}
+    # other work on the machine slows torch's threads more than XLA's: keep the load seen
+    load_before = os.getloadavg()[0]
 
     def attempt(cell, fn):
         if cell not in todo or cell in errors:
@@ -1266,7 +1268,8 @@ def _first_call_cells(config, store, arch, method, files, work: Path, base_env, 
         else:
             values = times[impl, cell]
             record.update(wall_s=statistics.median(values), wall_all_s=values,
-                          repeats=len(values), **extra[impl, cell])
+                          repeats=len(values), **extra[impl, cell],
+                          load_avg_1min=[load_before, os.getloadavg()[0]])
             record["weights"] = "safetensors" if impl == "jaxcam" else "pth"
         store.add(record)
         if "wall_s" in record:

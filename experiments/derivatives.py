@@ -101,7 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--train-epochs", type=int, default=None)
     p.add_argument("--train-image-size", type=int, default=None)
     p.add_argument("--checkpoint", default=None,
-                   help="a jaxcam checkpoint directory (its arch replaces --models' archs)")
+                   help="a jaxcam checkpoint directory or a training run's folder (e.g. "
+                        "runs/ham10000: its best model); its arch replaces --models' archs")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-plots", action="store_true")

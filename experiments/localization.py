@@ -80,8 +80,9 @@ TINY: dict[str, Any] = dict(image_size=64, layer="layer4", num_train=16, epochs=
                             num_images=4, num_figures=2)
 
 _HELP = {
-    "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model; "
-                  "default: train one here",
+    "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model, or a "
+                  "training run's folder (e.g. runs/ham10000: its best model); default: "
+                  "train one here",
     "arch": "architecture when training here: resnet50, vgg19 or efficientnet_b0",
     "layer": "target layer (default: the model's default layer)",
     "num_train": "synthetic training images when training here",
