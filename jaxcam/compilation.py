@@ -63,7 +63,9 @@ _MAGIC = b"JXCC"
 _VERSION = 1
 _STALE_TEMP_SECONDS = 3600.0
 
-_state: dict[str, Any] = {"directory": None}
+# directory: in use now; configured: the last directory jaxcam put in JAX's config (so
+# that it is not later mistaken for one the user set)
+_state: dict[str, Any] = {"directory": None, "configured": None}
 _lock = threading.Lock()
 
 
@@ -109,8 +111,9 @@ def resolve_cache_dir(path: str | os.PathLike | None = None) -> Path | None:
         return None if _is_off(env) else Path(env).expanduser().absolute()
     import jax
 
-    if jax.config.jax_compilation_cache_dir and _state["directory"] is None:
-        return Path(jax.config.jax_compilation_cache_dir).expanduser().absolute()
+    users = jax.config.jax_compilation_cache_dir
+    if users and users != _state["configured"]:
+        return Path(users).expanduser().absolute()
     return default_cache_dir()
 
 
@@ -250,6 +253,7 @@ def _configure_jax(directory: Path | None) -> None:
         return
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    _state["configured"] = str(directory)
     # cache every program: jaxcam's are many and small on a CPU (JAX's default only
     # keeps programs that took >= 1 s to compile)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

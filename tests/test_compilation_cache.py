@@ -272,7 +272,7 @@ def test_entries_carry_their_length_and_checksum():
     assert compilation._entry_value(data + b"x") is None
 
 
-def test_in_process_enable_switches_directory_and_off(tmp_path):
+def test_in_process_enable_switches_directory_and_off(tmp_path, monkeypatch):
     """In this process: entries go to the directory in use; 'off' stops writing."""
     f = jax.jit(lambda x: jnp.tanh(x) * 7.0 + 1.25)
     x = np.arange(5.0, dtype=np.float32)
@@ -291,6 +291,10 @@ def test_in_process_enable_switches_directory_and_off(tmp_path):
             jax.block_until_ready(g(x))
         assert c.compiles == 1 and c.cache_hits == 0
         assert len(entries(tmp_path / "a")) == written  # nothing written once off
+        # the directory jaxcam configured is not later taken for one the user gave JAX
+        monkeypatch.delenv(compilation.ENV_VAR)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert compilation.resolve_cache_dir() == tmp_path / "xdg" / "jaxcam" / "xla"
     finally:
         compilation.disable_compilation_cache()
     assert compilation.compilation_cache_dir() is None
