@@ -25,6 +25,21 @@ Sections (``--only``):
   over N forced host devices (``--xla_force_host_platform_device_count``),
   each in a fresh subprocess. On a CPU the forced devices share the same
   cores, so this shows the overhead of sharding, not a speed-up.
+- ``first-call``: what a user explaining one image sees. The wall time of a
+  whole ``jaxcam explain IMAGE.jpg --weights W.safetensors --arch A --method M``
+  (one 400x300 JPEG; random torchvision weights written to a temporary
+  ``.safetensors``) in a fresh process, beside an equivalent pytorch-grad-cam
+  script (load the ``.pth``, preprocess, GradCAM / GradCAMPlusPlus, overlay,
+  save) measured in the same run, interleaved. Cells: ``cold-cache`` (a fresh
+  process, an empty compilation cache), ``warm-cache`` (a fresh process, the
+  cache the previous cell filled), ``in-process`` (the second image of the
+  same size explained by the same process: ``jaxcam.cli.main`` called twice;
+  the script's pipeline run twice), each a fresh subprocess, median of
+  ``--first-call-repeats``. pytorch-grad-cam has no compilation, so its
+  ``process`` cell is the reference of both jaxcam process cells. Also,
+  per architecture, what ``jaxcam.explain`` compiles (``compiles`` cells): one
+  method, the same call again, five gradient methods in one call, and a
+  second image size, each program with its compile time.
 
 What is measured, per cell:
 
@@ -75,7 +90,10 @@ from typing import Any
 
 import numpy as np
 
-SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling")
+from jaxcam import compilation
+from jaxcam.compilation import CompileCounter
+
+SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling", "first-call")
 ARCHS = ("resnet50", "vgg19", "efficientnet_b0")
 
 # benchmark label -> (jaxcam method name, extra keyword arguments of jaxcam.explain)
@@ -107,7 +125,8 @@ TORCH_METHODS = {
 }
 
 # Keys that identify a cell; a resumed run skips a cell whose key is in the file.
-KEY_FIELDS = ("section", "impl", "arch", "image_size", "batch", "method", "num_classes", "devices")
+KEY_FIELDS = ("section", "impl", "arch", "image_size", "batch", "method", "num_classes", "devices",
+              "cell")
 
 
 @dataclasses.dataclass
@@ -130,10 +149,22 @@ class BenchmarkConfig:
     scaling_devices: tuple[int, ...] = (1, 4)
     scaling_arch: str = "resnet50"
     scaling_batch: int = 8
+    first_call_archs: tuple[str, ...] = ("resnet50", "efficientnet_b0")
+    first_call_methods: tuple[str, ...] = ("gradcam", "gradcam++")
+    first_call_image_size: int = 224
+    first_call_num_classes: int = 1000
+    first_call_repeats: int = 2
     threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     out: str = "results/benchmark.json"
     resume: bool = True
     seed: int = 0
+
+    @classmethod
+    def first_call_smoke(cls, out: str) -> BenchmarkConfig:
+        """The first-call section alone, small: ResNet-50 at 64 px, 10 classes, Grad-CAM."""
+        return cls(only=("first-call",), first_call_archs=("resnet50",),
+                   first_call_methods=("gradcam",), first_call_image_size=64,
+                   first_call_num_classes=10, first_call_repeats=1, out=out)
 
     @classmethod
     def smoke(cls, out: str) -> BenchmarkConfig:
@@ -154,43 +185,6 @@ class BenchmarkConfig:
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-class CompileCounter:
-    """Count XLA compilations and sum JAX's own trace + compile durations while active.
-
-    Uses ``jax.monitoring`` duration events, which JAX records once per jaxpr
-    trace and once per backend (XLA) compilation; a call served from JAX's
-    caches records neither.
-    """
-
-    TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
-    COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self) -> None:
-        self.compiles = 0
-        self.traces = 0
-        self.compile_seconds = 0.0
-        self.trace_seconds = 0.0
-
-    def _listener(self, event: str, duration_secs: float, **kwargs: Any) -> None:
-        if event == self.COMPILE_EVENT:
-            self.compiles += 1
-            self.compile_seconds += duration_secs
-        elif event == self.TRACE_EVENT:
-            self.traces += 1
-            self.trace_seconds += duration_secs
-
-    def __enter__(self) -> CompileCounter:
-        import jax.monitoring
-
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import jax.monitoring
-
-        jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 class PeakRSS:
@@ -298,6 +292,7 @@ def measure(
     if track_compiles:
         result["compile_s"] = compile_s
         result["compiles"] = first_counter.compiles
+        result["cache_hits"] = first_counter.cache_hits  # loaded from the persistent cache
         result["recompiles"] = steady_counter.compiles
     device_peak = _device_peak_mb()
     if device_peak is not None:
@@ -1008,6 +1003,304 @@ def section_scaling(config: BenchmarkConfig, bench: Workbench, store: ResultStor
             _progress(f"    {method}: {record['images_per_s']:.3g} images/s")
 
 
+# --------------------------------------------------------------------------- first call
+
+FIRST_CALL_CELLS = ("cold-cache", "warm-cache", "in-process")
+FIRST_CALL_SHARED = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
+
+# The equivalent pytorch-grad-cam script: load the weights, preprocess, explain, overlay,
+# save; one image per call of `explain_image`, run once (`process`) or twice (`in-process`).
+PGC_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+import torch, torchvision
+from PIL import Image
+from torchvision import transforms
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+args = json.loads(sys.argv[1])
+torch.set_num_threads(args["threads"])
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def explain_image(path, out_png):
+    model = getattr(torchvision.models, args["arch"])(weights=None,
+                                                      num_classes=args["num_classes"])
+    model.load_state_dict(torch.load(args["weights"], map_location="cpu", weights_only=True))
+    model.eval()
+    layer = model
+    for part in args["layer"].split("."):
+        layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+    prep = transforms.Compose([transforms.Resize(args["resize"]),
+                               transforms.CenterCrop(args["size"]), transforms.ToTensor(),
+                               transforms.Normalize(MEAN, STD)])
+    x = prep(Image.open(path).convert("RGB"))[None]
+    method = GradCAMPlusPlus if args["method"] == "gradcam++" else GradCAM
+    with method(model=model, target_layers=[layer]) as cam:
+        heat = cam(input_tensor=x, targets=None)[0]
+    shown = (x[0].permute(1, 2, 0).numpy() * STD + MEAN).clip(0, 1).astype(np.float32)
+    Image.fromarray(show_cam_on_image(shown, heat, use_rgb=True)).save(out_png)
+
+
+times = []
+for i, image in enumerate(args["images"]):
+    t0 = time.perf_counter()
+    explain_image(image, f"{args['out']}/pgc_{i}.png")
+    times.append(time.perf_counter() - t0)
+print("RESULT " + json.dumps({"calls_s": times}))
+"""
+
+# jaxcam.cli.main called once per image in one process, each call counted.
+JAXCAM_CLI_WORKER = r"""
+import json, sys, time
+from jaxcam import cli
+from jaxcam.compilation import CompileCounter
+
+args = json.loads(sys.argv[1])
+calls, compiles = [], []
+for i, argv in enumerate(args["argvs"]):
+    with CompileCounter() as counter:
+        t0 = time.perf_counter()
+        cli.main(argv)
+        calls.append(time.perf_counter() - t0)
+    compiles.append({"compiles": counter.compiles, "cache_hits": counter.cache_hits})
+print("RESULT " + json.dumps({"calls_s": calls, "compiles": compiles}))
+"""
+
+# What jaxcam.explain compiles: one method, again, several methods, a second image size.
+COMPILES_WORKER = r"""
+import json, sys
+import jax, numpy as np
+import jaxcam
+from jaxcam.compilation import CompileCounter
+
+args = json.loads(sys.argv[1])
+model, variables = jaxcam.weights.load_torchvision(args["weights"], args["arch"])
+rng = np.random.default_rng(0)
+def images(size):
+    return rng.standard_normal((1, size, size, 3), dtype=np.float32)
+steps = [("one method", args["method"], args["size"]),
+         ("the same call again, new image", args["method"], args["size"]),
+         ("five gradient methods in one call", args["shared"], args["size"]),
+         ("one method, second image size", args["method"], args["second_size"])]
+out = []
+for label, method, size in steps:
+    x = images(size)
+    with CompileCounter() as c:
+        jax.block_until_ready(jaxcam.explain(model, variables, x, method=method))
+    out.append({"step": label, "method": method, "image_size": size,
+                "compiles": c.compiles, "compile_s": c.compile_seconds,
+                "traces": c.traces, "trace_s": c.trace_seconds,
+                "programs": sorted(c.programs, key=lambda p: -p[1])})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _smooth_jpeg(path: Path, width: int, height: int, seed: int) -> None:
+    """A smooth random RGB JPEG (a photo-like input; resizing does not destroy it)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path, quality=90)
+
+
+def _run_worker(code: str, payload: dict[str, Any], env: dict[str, str], cwd: str
+                ) -> tuple[float, dict[str, Any] | list[Any]]:
+    """(wall seconds of the whole subprocess, its RESULT payload)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-600:]}")
+    return wall, json.loads(lines[-1][len("RESULT "):])
+
+
+def _run_cli(argv: list[str], env: dict[str, str], cwd: str) -> float:
+    """Wall seconds of ``python -m jaxcam.cli ARGV`` in a fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "jaxcam.cli", *argv], capture_output=True,
+                          text=True, env=env, cwd=cwd)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"jaxcam explain failed ({proc.returncode}): {proc.stderr[-600:]}")
+    return wall
+
+
+def _first_call_files(config: BenchmarkConfig, arch: str, work: Path) -> dict[str, Any]:
+    """Random torchvision weights (.pth for torch, .safetensors for jaxcam) and two JPEGs."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    import jaxcam
+
+    torch.manual_seed(config.seed)
+    net = getattr(torchvision.models, arch)(weights=None,
+                                            num_classes=config.first_call_num_classes)
+    state = net.state_dict()
+    pth, st = work / f"{arch}.pth", work / f"{arch}.safetensors"
+    torch.save(state, pth)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+    images = [work / "photo_a.jpg", work / "photo_b.jpg"]
+    for i, path in enumerate(images):
+        _smooth_jpeg(path, 400, 300, config.seed + i)
+    prep = jaxcam.Preprocessing.imagenet(config.first_call_image_size)
+    layer = jaxcam.models.get(arch, config.first_call_num_classes).default_layer
+    return {"pth": str(pth), "safetensors": str(st), "images": [str(p) for p in images],
+            "resize": prep.resize_size, "layer": layer}
+
+
+def section_first_call(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
+    import shutil
+    import tempfile
+
+    if not bench.use_torch:
+        _progress(f"[first-call] {bench.torch_note}")
+        return
+    size = config.first_call_image_size
+    _progress(f"[first-call] whole `jaxcam explain` of one 400x300 JPEG at {size} px in fresh "
+              "processes, beside the pytorch-grad-cam script (interleaved)")
+    root = str(Path(__file__).resolve().parent.parent)
+    base_env = dict(os.environ)
+    base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
+    base_env.pop(compilation.ENV_VAR, None)  # every cell says which cache it uses
+    for arch in config.first_call_archs:
+        work = Path(tempfile.mkdtemp(prefix=f"jaxcam-first-call-{arch}-"))
+        try:
+            files = _first_call_files(config, arch, work)
+            for method in config.first_call_methods:
+                _first_call_cells(config, store, arch, method, files, work, base_env, root)
+            _compiles_cell(config, store, arch, files, base_env, root)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _first_call_cells(config, store, arch, method, files, work: Path, base_env, root) -> None:
+    import statistics
+
+    size, classes = config.first_call_image_size, config.first_call_num_classes
+    key = dict(section="first_call", arch=arch, image_size=size, batch=1, method=method,
+               num_classes=classes, devices=1)
+    cells = [("jaxcam", c) for c in FIRST_CALL_CELLS] + [
+        ("pytorch-grad-cam", "process"), ("pytorch-grad-cam", "in-process")]
+    todo = [(impl, cell) for impl, cell in cells if not store.has(**key, impl=impl, cell=cell)]
+    if not todo:
+        _progress(f"  skip (already measured): {arch} {method}")
+        return
+    _progress(f"  measuring {arch} {method}: {len(todo)} cells x "
+              f"{config.first_call_repeats} repeats ...")
+
+    def cli_argv(image: str, out: str, cache: str) -> list[str]:
+        argv = [image, "--weights", files["safetensors"], "--arch", arch, "--method", method,
+                "--out", out, "--compilation-cache", cache]
+        if size != 224:
+            argv += ["--image-size", str(size)]
+        return ["explain", *argv]
+
+    pgc_args = dict(arch=arch, weights=files["pth"], num_classes=classes, method=method,
+                    layer=files["layer"], resize=files["resize"], size=size,
+                    threads=config.threads, out=str(work))
+    times: dict[tuple[str, str], list[float]] = {c: [] for c in cells}
+    extra: dict[tuple[str, str], dict[str, Any]] = {c: {} for c in cells}
+    errors: dict[tuple[str, str], str] = {}
+    # other work on the machine slows torch's threads more than XLA's: keep the load seen
+    load_before = os.getloadavg()[0]
+
+    def attempt(cell, fn):
+        if cell not in todo or cell in errors:
+            return
+        try:
+            fn()
+        except Exception as err:  # a broken cell must not lose the others
+            errors[cell] = f"{type(err).__name__}: {err}"[:500]
+            _progress(f"    ERROR {cell}: {errors[cell]}")
+
+    for r in range(config.first_call_repeats):
+        cache = work / f"cache-{method}-{r}"
+        out = str(work / "out")
+
+        def cold(cache=cache, out=out):
+            times["jaxcam", "cold-cache"].append(
+                _run_cli(cli_argv(files["images"][0], out, str(cache)), base_env, root))
+            extra["jaxcam", "cold-cache"]["programs_cached"] = len(
+                list(cache.glob("*.jaxcam-xla")))
+
+        def warm(cache=cache, out=out):
+            if not cache.is_dir():  # the cold cell failed or was measured before
+                _run_cli(cli_argv(files["images"][0], out, str(cache)), base_env, root)
+            times["jaxcam", "warm-cache"].append(
+                _run_cli(cli_argv(files["images"][1], out, str(cache)), base_env, root))
+
+        def in_process(out=out):
+            argvs = [cli_argv(img, f"{out}/{i}", "off") for i, img in enumerate(files["images"])]
+            _, res = _run_worker(JAXCAM_CLI_WORKER, {"argvs": argvs}, base_env, root)
+            times["jaxcam", "in-process"].append(res["calls_s"][1])
+            extra["jaxcam", "in-process"].update(
+                first_call_in_process_s=res["calls_s"][0],
+                second_call_compiles=res["compiles"][1]["compiles"])
+
+        def pgc_process():
+            wall, _ = _run_worker(PGC_SCRIPT, dict(pgc_args, images=files["images"][:1]),
+                                  base_env, root)
+            times["pytorch-grad-cam", "process"].append(wall)
+
+        def pgc_in_process():
+            _, res = _run_worker(PGC_SCRIPT, dict(pgc_args, images=files["images"]),
+                                 base_env, root)
+            times["pytorch-grad-cam", "in-process"].append(res["calls_s"][1])
+            extra["pytorch-grad-cam", "in-process"]["first_call_in_process_s"] = res[
+                "calls_s"][0]
+
+        # interleaved, so that drift in the machine's load hits both libraries alike
+        attempt(("pytorch-grad-cam", "process"), pgc_process)
+        attempt(("jaxcam", "cold-cache"), cold)
+        attempt(("jaxcam", "warm-cache"), warm)
+        attempt(("pytorch-grad-cam", "in-process"), pgc_in_process)
+        attempt(("jaxcam", "in-process"), in_process)
+    for impl, cell in todo:
+        record = {**{k: None for k in KEY_FIELDS}, **key, "impl": impl, "cell": cell}
+        if (impl, cell) in errors:
+            record["error"] = errors[impl, cell]
+        else:
+            values = times[impl, cell]
+            record.update(wall_s=statistics.median(values), wall_all_s=values,
+                          repeats=len(values), **extra[impl, cell],
+                          load_avg_1min=[load_before, os.getloadavg()[0]])
+            record["weights"] = "safetensors" if impl == "jaxcam" else "pth"
+        store.add(record)
+        if "wall_s" in record:
+            _progress(f"    {impl} {cell}: {record['wall_s']:.2f} s")
+
+
+def _compiles_cell(config, store, arch, files, base_env, root) -> None:
+    key = dict(section="first_call", impl="jaxcam", arch=arch,
+               image_size=config.first_call_image_size, batch=1,
+               method=config.first_call_methods[-1], num_classes=config.first_call_num_classes,
+               devices=1, cell="compiles")
+    if store.has(**key):
+        _progress(f"  skip (already measured): {arch} compiles")
+        return
+    _progress(f"  counting what jaxcam.explain compiles ({arch}) ...")
+    second = config.first_call_image_size + 32
+    payload = dict(weights=files["safetensors"], arch=arch, method=key["method"],
+                   shared=list(FIRST_CALL_SHARED), size=config.first_call_image_size,
+                   second_size=second)
+    env = dict(base_env, **{compilation.ENV_VAR: "off"})
+    try:
+        wall, steps = _run_worker(COMPILES_WORKER, payload, env, root)
+        record = {**key, "steps": steps, "wall_s": wall}
+    except Exception as err:
+        record = {**key, "error": f"{type(err).__name__}: {err}"[:500]}
+    store.add(record)
+    for step in record.get("steps", []):
+        _progress(f"    {step['step']}: {step['compiles']} compilations, "
+                  f"{step['compile_s']:.2f} s compiling, {step['trace_s']:.2f} s tracing")
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1137,10 +1430,62 @@ def render_markdown(store: ResultStore) -> str:
                        f"{r['devices']} | {_fmt(r.get('images_per_s'))} | {_fmt(rel)} |")
         out.append("")
 
+    out += first_call_tables(store)
     goals = goal_lines(store)
     if goals:
-        out += ["### Goals (issue 10)", ""] + [f"- {g}" for g in goals] + [""]
+        out += ["### Goals (issues 10, 18)", ""] + [f"- {g}" for g in goals] + [""]
     return "\n".join(out)
+
+
+def _first_call(store: ResultStore, r: dict[str, Any], impl: str, cell: str) -> dict | None:
+    found = _lookup(store, r, impl=impl, cell=cell)
+    return found if found and "wall_s" in found else None
+
+
+def first_call_tables(store: ResultStore) -> list[str]:
+    """The first-call table (seconds and ratios to pytorch-grad-cam) and what compiles."""
+    rows = [r for r in store.records if r["section"] == "first_call"
+            and r["impl"] == "jaxcam" and r.get("cell") == "cold-cache"]
+    out: list[str] = []
+    if rows:
+        out += ["### First call: one image, whole command, fresh processes", "",
+                "| arch | image | method | jaxcam cold cache s | jaxcam warm cache s | "
+                "pytorch-grad-cam process s | cold / pgc | warm / pgc | jaxcam in-process "
+                "2nd image s | pgc in-process 2nd image s | in-process / pgc | "
+                "programs cached |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            cold = _first_call(store, r, "jaxcam", "cold-cache")
+            warm = _first_call(store, r, "jaxcam", "warm-cache")
+            inproc = _first_call(store, r, "jaxcam", "in-process")
+            pgc = _first_call(store, r, "pytorch-grad-cam", "process")
+            pgc_in = _first_call(store, r, "pytorch-grad-cam", "in-process")
+
+            def s_(rec):
+                return _fmt(rec["wall_s"]) if rec else "-"
+
+            def ratio(a, b):
+                return _fmt(a["wall_s"] / b["wall_s"]) + "x" if a and b else "-"
+
+            out.append(f"| {r['arch']} | {r['image_size']} | {r['method']} | {s_(cold)} | "
+                       f"{s_(warm)} | {s_(pgc)} | {ratio(cold, pgc)} | {ratio(warm, pgc)} | "
+                       f"{s_(inproc)} | {s_(pgc_in)} | {ratio(inproc, pgc_in)} | "
+                       f"{(cold or {}).get('programs_cached', '-')} |")
+        out.append("")
+    comp = [r for r in store.records if r["section"] == "first_call" and r.get("cell") ==
+            "compiles" and "steps" in r]
+    if comp:
+        out += ["### What `jaxcam.explain` compiles (one image, in one process, no cache)", "",
+                "| arch | step | image | compilations | compile s | traces | trace s | "
+                "slowest programs (s) |", "|---|---|---|---|---|---|---|---|"]
+        for r in comp:
+            for st in r["steps"]:
+                top = ", ".join(f"{name} {sec:.2f}" for name, sec, _ in st["programs"][:3])
+                out.append(f"| {r['arch']} | {st['step']} | {st['image_size']} | "
+                           f"{st['compiles']} | {_fmt(st['compile_s'])} | {st['traces']} | "
+                           f"{_fmt(st['trace_s'])} | {top} |")
+        out.append("")
+    return out
 
 
 def _ratio(record: dict | None, reference: dict | None) -> float | None:
@@ -1161,6 +1506,20 @@ def _lookup(store: ResultStore, record: dict[str, Any], **change: Any) -> dict |
 def goal_lines(store: ResultStore) -> list[str]:
     """One line per issue-10 goal that the store has the numbers for: measured vs target."""
     lines = []
+    for r in store.records:
+        if r["section"] == "first_call" and r["impl"] == "jaxcam" and r.get("cell") in (
+                "cold-cache", "warm-cache") and "wall_s" in r:
+            pgc = _first_call(store, r, "pytorch-grad-cam", "process")
+            if pgc:
+                v, target = r["wall_s"] / pgc["wall_s"], 1.3 if r["cell"] == "cold-cache" else 1.0
+                lines.append(f"{r['arch']} {r['method']} first call, {r['cell']}: {v:.2f}x the "
+                             f"pytorch-grad-cam script (goal <= {target}x: "
+                             f"{'met' if v <= target else 'missed'})")
+        if r["section"] == "first_call" and r.get("cell") == "in-process" and r[
+                "impl"] == "jaxcam" and "second_call_compiles" in r:
+            n = r["second_call_compiles"]
+            lines.append(f"{r['arch']} {r['method']} second image in the same process: {n} "
+                         f"compilations (goal 0: {'met' if n == 0 else 'missed'})")
     ratio = [r for r in store.records if r["section"] == "engine_ratio" and _ok(r)]
     for c, target in ((1000, 1.3), (7, 1.1)):
         row = {r["method"]: r for r in ratio if r["num_classes"] == c}
@@ -1232,6 +1591,14 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
     p.add_argument("--metrics", type=_csv(str), default=d.metric_names,
                    help="metric names for the metrics section (default: all)")
     p.add_argument("--scaling-devices", type=_csv(int), default=d.scaling_devices)
+    p.add_argument("--first-call-archs", type=_csv(str), default=d.first_call_archs)
+    p.add_argument("--first-call-methods", type=_csv(str), default=d.first_call_methods,
+                   help="jaxcam explain --method values (gradcam, gradcam++)")
+    p.add_argument("--first-call-image-size", type=int, default=d.first_call_image_size)
+    p.add_argument("--first-call-num-classes", type=int, default=d.first_call_num_classes)
+    p.add_argument("--first-call-repeats", type=int, default=d.first_call_repeats,
+                   help="fresh processes per first-call cell (the median is reported)")
+    compilation.add_compilation_cache_option(p)
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch.set_num_threads for the PyTorch comparison")
     p.add_argument("--out", default=d.out, help="results JSON (markdown written next to it)")
@@ -1248,7 +1615,10 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
         taylor_chunk_size=a.taylor_chunk_size, metrics_batch=a.metrics_batch,
         metric_names=a.metrics,
         scaling_devices=a.scaling_devices, threads=a.threads, out=a.out,
-        resume=not a.no_resume,
+        resume=not a.no_resume, first_call_archs=a.first_call_archs,
+        first_call_methods=a.first_call_methods, first_call_image_size=a.first_call_image_size,
+        first_call_num_classes=a.first_call_num_classes,
+        first_call_repeats=a.first_call_repeats,
     )
     validate(config)
     return config
@@ -1271,6 +1641,17 @@ def validate(config: BenchmarkConfig) -> None:
         raise ValueError(f"--image-size must be at least 32 px; got {config.image_size}.")
     if config.repeats < 1:
         raise ValueError(f"--repeats must be at least 1; got {config.repeats}.")
+    bad = [a for a in config.first_call_archs if a not in ARCHS]
+    if bad:
+        raise ValueError(f"unknown arch(s) {bad} in --first-call-archs; choose from "
+                         f"{list(ARCHS)}.")
+    bad = [m for m in config.first_call_methods if m not in ("gradcam", "gradcam++")]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad} in --first-call-methods; choose from "
+                         "['gradcam', 'gradcam++'] (the methods both libraries share).")
+    if config.first_call_repeats < 1:
+        raise ValueError(f"--first-call-repeats must be at least 1; got "
+                         f"{config.first_call_repeats}.")
 
 
 def run_benchmark(config: BenchmarkConfig) -> ResultStore:
@@ -1286,6 +1667,7 @@ def run_benchmark(config: BenchmarkConfig) -> ResultStore:
     sections = {
         "forward": section_forward, "methods": section_methods, "torch": section_torch,
         "engine": section_engine, "metrics": section_metrics, "scaling": section_scaling,
+        "first-call": section_first_call,
     }
     for name in SECTIONS:  # fixed order, whatever order --only lists them in
         if name in config.only:
@@ -1301,6 +1683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    compilation.enable_from_argv(argv)  # the first-call section sets its own, per cell
     store = run_benchmark(config)
     table = render_markdown(store)
     Path(config.out).with_suffix(".md").write_text(table)

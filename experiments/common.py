@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxcam import compilation
+
 ARCHS: tuple[str, ...] = ("resnet50", "vgg19", "efficientnet_b0")
 SYNTHETIC = "synthetic_lesions"
 
@@ -133,7 +135,9 @@ def parse_config(
             conv = float
         parser.add_argument(flag, dest=field.name, type=conv, default=None,
                             help=_HELP.get(field.name, f"default {field.default!r}"))
+    compilation.add_compilation_cache_option(parser)  # read by main (enable_from_argv)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    args.pop("compilation_cache", None)
     base = cls()
     if args.get("data_dir") is not None:
         base = dataclasses.replace(base, **real_defaults)
@@ -282,10 +286,14 @@ def train_model(config: ExperimentConfig, spec: ExperimentSpec, data: Data, mode
         return jdata.batches(data.splits["validation"], config.batch_size, config.image_size,
                              train=False, seed=config.seed, drop_remainder=False)
 
+    from jaxcam.preprocessing import Preprocessing
+
     result = train.fit(
         model, variables, train_batches, train.batches_per_epoch(n_train, config.batch_size),
         tconfig, out / "checkpoints", eval_batches=eval_batches, class_counts=counts,
-        progress=config.progress, predict_fn=predict_fn,
+        progress=config.progress, predict_fn=predict_fn, class_names=data.class_names,
+        # what jdata.batches does: resize straight to image_size, ImageNet mean/std
+        preprocessing=Preprocessing(image_size=config.image_size, resize_size=None),
     )
     return result, counts
 
@@ -787,6 +795,16 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
                           f"where they disagree: {agr['disagree_count']}, accuracy "
                           f"{_pct(agr['accuracy_disagree'])}."]
         lines.append("")
+    trained = results.get("model")
+    if trained:
+        lines += ["## The trained model", "",
+                  f"The best model (epoch {trained['epoch']}) is the jaxcam checkpoint "
+                  f"`{trained['checkpoint']}` (architecture, class names, preprocessing). "
+                  "Explain a new image with it:", "", "```bash",
+                  trained["explain_command"], "```", "",
+                  "`--weights` also takes the run folder, its `checkpoints/` folder or a "
+                  "step folder in it; all mean this best model. From Python: "
+                  f"`jaxcam.load({str(out)!r})`.", ""]
     t = results["timing"]
     lines += ["## Timing", "", " | ".join(f"{k}: {v:.0f} s" for k, v in t.items()), "",
               "Wall-clock seconds per phase; `cpu_s` is the process CPU time over all "
@@ -807,6 +825,16 @@ def _json_default(o: Any) -> Any:
 # --------------------------------------------------------------------------------------
 # The whole run
 # --------------------------------------------------------------------------------------
+
+
+def trained_model_entry(out: Path, result) -> dict[str, Any]:
+    """Where :func:`jaxcam.train.fit` wrote the best model, and the command to explain with it."""
+    from jaxcam import checkpoint
+
+    model_dir = out / "checkpoints" / checkpoint.TRAINING_MODEL_DIR
+    return {"checkpoint": str(model_dir), "epoch": result.best_epoch,
+            "explain_command": f"jaxcam explain IMAGE.jpg --weights {out} "
+                               f"--method gradcam++ --out {out / 'explain'}"}
 
 
 def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
@@ -895,9 +923,12 @@ def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
             "metrics": exm,
         },
         "timing": timing,
+        "model": trained_model_entry(out, result),
     }
     write_report(out, spec, config, data, results)
     print(f"Report: {out / 'report.md'} ({timing['total_s']:.0f} s in all)", flush=True)
+    print(f"Model: {results['model']['checkpoint']}; explain a new image with: "
+          f"{results['model']['explain_command']}", flush=True)
     return results
 
 
@@ -905,6 +936,7 @@ def main(cls: type[ExperimentConfig], spec: ExperimentSpec, real_defaults: dict[
          argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn bad input into a one-line error with exit status 2."""
     config = parse_config(cls, argv, real_defaults, f"{spec.title}: fine-tune and explain.")
+    compilation.enable_from_argv(argv)
     try:
         run(config, spec)
     except (ValueError, FileNotFoundError) as err:

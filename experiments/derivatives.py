@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxcam import compilation
+
 DEFAULT_MODELS: tuple[str, ...] = (
     "resnet50:layer4,layer3",
     "vgg19:default,pool5",
@@ -99,12 +101,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--train-epochs", type=int, default=None)
     p.add_argument("--train-image-size", type=int, default=None)
     p.add_argument("--checkpoint", default=None,
-                   help="a jaxcam checkpoint directory (its arch replaces --models' archs)")
+                   help="a jaxcam checkpoint directory or a training run's folder (e.g. "
+                        "runs/ham10000: its best model); its arch replaces --models' archs")
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration for CI")
+    compilation.add_compilation_cache_option(p)  # read by main (enable_from_argv)
     a = p.parse_args(argv)
     base = TINY if a.tiny else Config()
     updates = {k: v for k, v in dict(
@@ -427,20 +431,6 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
     return out
 
 
-def _enable_compilation_cache(directory: Path) -> None:
-    """JAX's persistent compilation cache in ``directory``. The study compiles the same
-    programs for every init of a model (the variables are arguments, not constants), and
-    compiling, not computing, dominates its time on a CPU: with the cache the second init
-    and a rerun reuse the first one's executables. Left as it is if the caller set one."""
-    import jax
-
-    if jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def run(config: Config) -> dict[str, Any]:
     import jax
 
@@ -448,7 +438,6 @@ def run(config: Config) -> dict[str, Any]:
 
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _enable_compilation_cache(out_dir / "xla_cache")
     x = jax.numpy.asarray(_images(config.num_images, config.image_size, config.seed))
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "models": []}
     done: dict[tuple[str, str], Any] = {}
@@ -644,6 +633,7 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    compilation.enable_from_argv(argv)
     t0 = time.perf_counter()
     run(config)
     print(f"[derivatives] wrote {config.out}/report.md in {time.perf_counter() - t0:.0f} s")

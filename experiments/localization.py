@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from experiments import common
+from jaxcam import compilation
 
 # label -> (jaxcam method, derivatives): the experiments' methods plus HiResCAM, LayerCAM
 METHOD_LABELS: dict[str, tuple[str, str]] = {
@@ -79,8 +80,9 @@ TINY: dict[str, Any] = dict(image_size=64, layer="layer4", num_train=16, epochs=
                             num_images=4, num_figures=2)
 
 _HELP = {
-    "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model; "
-                  "default: train one here",
+    "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model, or a "
+                  "training run's folder (e.g. runs/ham10000: its best model); default: "
+                  "train one here",
     "arch": "architecture when training here: resnet50, vgg19 or efficientnet_b0",
     "layer": "target layer (default: the model's default layer)",
     "num_train": "synthetic training images when training here",
@@ -112,7 +114,9 @@ def parse_config(argv: Sequence[str] | None) -> LocalizationConfig:
             conv = int if "int" in kind else float if "float" in kind else str
             parser.add_argument(flag, dest=field.name, type=conv, default=None,
                                 help=_HELP.get(field.name, f"default {field.default!r}"))
+    compilation.add_compilation_cache_option(parser)  # read by main (enable_from_argv)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    args.pop("compilation_cache", None)
     base = LocalizationConfig()
     if args.get("tiny"):
         base = dataclasses.replace(base, **TINY)
@@ -427,6 +431,7 @@ def metrics_figure(summary: dict[str, dict], energy_share: float):
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = parse_config(argv)
+    compilation.enable_from_argv(argv)
     try:
         validate(config)
     except (ValueError, FileNotFoundError) as err:

@@ -2,12 +2,19 @@
 
 This module only parses arguments, validates them, calls the library
 (:func:`jaxcam.load`, :func:`jaxcam.explain`, :mod:`jaxcam.viz`,
-:func:`jaxcam.weights.convert`, :func:`jaxcam.data.build`) and writes files.
+:func:`jaxcam.convert`, :func:`jaxcam.data.build`) and writes files.
 Bad input ends with one line on stderr (``jaxcam <command>: error: ...``) and
 exit status 2, before any long computation and without leaving output files.
 
 Run it as ``jaxcam ...`` (console script) or ``python -m jaxcam.cli ...``.
 Set ``JAXCAM_DEBUG=1`` to get a traceback instead of the one-line error.
+
+``explain`` and ``convert`` use the persistent compilation cache
+(:mod:`jaxcam.compilation`; ``--compilation-cache DIR|off``), so a second run
+loads the compiled programs instead of compiling them again. Start-up is kept
+short: nothing heavy (JAX, Flax, numpy, matplotlib) is imported until a
+command needs it, so ``jaxcam --help`` answers at once; the help texts that list
+methods, targets and architectures are computed only when shown.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, NoReturn
 
-import numpy as np
+from jaxcam import compilation
 
 PROG = "jaxcam"
 DERIVATIVES = ("exact", "closed_form")
@@ -47,6 +54,72 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+class _Lazy:
+    """A help text computed when argparse shows it (listing methods, targets and
+    architectures needs JAX and Flax, which ``jaxcam --help`` should not import)."""
+
+    def __init__(self, make) -> None:
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def strip(self) -> str:
+        return str(self).strip()
+
+    def __mod__(self, params: Any) -> str:
+        return str(self) % params
+
+
+class _LazyChoices:
+    """``choices=`` for argparse, computed on first use."""
+
+    def __init__(self, make) -> None:
+        self._make = make
+        self._values: tuple[str, ...] | None = None
+
+    def _get(self) -> tuple[str, ...]:
+        if self._values is None:
+            self._values = tuple(self._make())
+        return self._values
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._get()
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _methods() -> tuple[str, ...]:
+    import jaxcam
+
+    return tuple(jaxcam.METHODS)
+
+
+def _targets() -> tuple[str, ...]:
+    from jaxcam.targets import TARGETS
+
+    return tuple(TARGETS)
+
+
+def _arch_help() -> str:
+    from jaxcam.models import ARCHS
+
+    return ", ".join(ARCHS)
+
+
+def _default_targets() -> str:
+    from jaxcam.explanation import DEFAULT_TARGETS
+
+    return ", ".join(f"{m}: {t}" for m, t in DEFAULT_TARGETS.items())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``prog: error: message``) and exit status 2."""
 
@@ -60,18 +133,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The ``jaxcam`` argument parser with its subcommands."""
     import jaxcam
-    from jaxcam.explanation import DEFAULT_TARGETS
-    from jaxcam.models import ARCHS
-    from jaxcam.targets import TARGETS
 
-    arch_help = ", ".join(ARCHS)
-    default_targets = ", ".join(f"{m}: {t}" for m, t in DEFAULT_TARGETS.items())
     parser = _Parser(
         prog=PROG,
         description="Class-activation-map explanations for JAX/Flax image classifiers.",
         epilog="Run 'jaxcam COMMAND --help' for the options of one command.",
     )
     parser.add_argument("--version", action="version", version=f"jaxcam {jaxcam.__version__}")
+    compilation.add_compilation_cache_option(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -89,26 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--method gradcam++ --top-k 2 --out out/",
     )
     ex.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG/PNG/BMP/TIFF image files")
-    ex.add_argument("--arch", help=f"architecture of the weights: {arch_help}, or a timm "
-                    "name (vit_base_patch16_224, timm/resnet50, ...); optional: read from the "
-                    "keys of a torchvision/timm file, from a checkpoint's metadata")
-    ex.add_argument("--weights", help="torchvision or timm .pth/.pt/.safetensors file or "
-                    "jaxcam checkpoint directory (required; nothing is downloaded)")
+    ex.add_argument("--arch", help=_Lazy(lambda: f"architecture of the weights: {_arch_help()}, "
+                    "or a timm name (vit_base_patch16_224, timm/resnet50, ...); optional: read "
+                    "from the keys of a torchvision/timm file, from a checkpoint's metadata"))
+    ex.add_argument("--weights", help="torchvision or timm .pth/.pt/.safetensors file, jaxcam "
+                    "checkpoint directory, or a training run's folder (e.g. runs/ham10000: "
+                    "its best model) (required; nothing is downloaded)")
+    ex.add_argument("--model", metavar="PACKAGE.MODULE:FACTORY",
+                    help="your own model: a function that builds it (imported; called with "
+                    "the keyword arguments the checkpoint records when it names the same "
+                    "factory, else with none); --weights is then its jaxcam checkpoint")
     ex.add_argument("--layer", help="target layer (name or alias); default: the model's "
                     "default layer (layer4, features.36, features.8)")
     ex.add_argument("--method", action="append", dest="methods", metavar="METHOD",
-                    choices=(*jaxcam.METHODS, "all"),
-                    help=f"CAM method, repeatable: {', '.join(jaxcam.METHODS)}, or 'all' "
-                    "(default: gradcam++)")
+                    choices=_LazyChoices(lambda: (*_methods(), "all")),
+                    help=_Lazy(lambda: f"CAM method, repeatable: {', '.join(_methods())}, or "
+                               "'all' (default: gradcam++)"))
     which = ex.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_", metavar="CLASS",
                        help="class to explain for every image: an index or a class name "
                        "(default: each image's predicted class)")
     which.add_argument("--top-k", type=int, metavar="K",
                        help="explain each image's K most probable classes")
-    ex.add_argument("--target", choices=TARGETS,
-                    help=f"scalar of the logits that is explained (default per method: "
-                    f"{default_targets})")
+    ex.add_argument("--target", choices=_LazyChoices(_targets), metavar="TARGET",
+                    help=_Lazy(lambda: f"scalar of the logits that is explained: "
+                               f"{', '.join(_targets())} (default per method: "
+                               f"{_default_targets()})"))
     ex.add_argument("--derivatives", choices=DERIVATIVES, default="exact",
                     help="Grad-CAM++ derivatives: exact (autodiff, default) or closed_form "
                     "(the paper's exp-target shortcut g^2, g^3)")
@@ -122,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="heatmap opacity in the overlays, 0..1 (default: 0.5)")
     ex.add_argument("--batch-size", type=int, default=16,
                     help="images per explain call (default: 16)")
+    compilation.add_compilation_cache_option(ex)
     ex.set_defaults(func=cmd_explain)
 
     cv = commands.add_parser(
@@ -134,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torchvision or timm .pth/.pt/.safetensors file")
     cv.add_argument("out_dir", metavar="OUT_DIR",
                     help="checkpoint directory to create (must not exist, see --overwrite)")
-    cv.add_argument("--arch", help=f"{arch_help}, or a timm name (vit_base_patch16_224, "
-                    "timm/resnet50, ...); default: read from the keys")
+    cv.add_argument("--arch", help=_Lazy(lambda: f"{_arch_help()}, or a timm name "
+                    "(vit_base_patch16_224, timm/resnet50, ...); default: read from the keys"))
     cv.add_argument("--class-names", metavar="FILE",
                     help="text file with one class name per line, in class-index order "
                     "(default: ImageNet names for 1000-class weights, none otherwise)")
@@ -143,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="input size recorded in the checkpoint (default: 224)")
     cv.add_argument("--overwrite", action="store_true",
                     help="replace OUT_DIR if it exists")
+    compilation.add_compilation_cache_option(cv)
     cv.set_defaults(func=cmd_convert)
 
     data = commands.add_parser(
@@ -183,7 +260,7 @@ class ExplainPlan:
 
     paths: list[str]
     stems: list[str]
-    images: list[np.ndarray]
+    images: list[Any]  # uint8 (H, W, 3) arrays
     bundle: Any  # LoadedModel
     preprocessing: Any  # Preprocessing
     layer: str
@@ -267,17 +344,41 @@ def _expand_methods(requested: list[str] | None) -> list[str]:
     return out
 
 
-def _load_weights(weights: str, arch: str | None):
+def _user_model(factory: str, weights: str) -> Any:
+    """``--model pkg.mod:fn``: the user's model, built by the factory they typed (trusted)."""
+    from jaxcam import checkpoint
+
+    if not os.path.isdir(weights):
+        raise UsageError(
+            f"--model needs --weights to be a jaxcam checkpoint directory of that model "
+            f"(jaxcam.checkpoint.save(DIR, model, variables, factory={factory!r})); "
+            f"{weights!r} is a file"
+        )
+    try:
+        fn = checkpoint.import_factory(factory)
+        recorded = checkpoint._factory_of(checkpoint.read_metadata(weights))
+        kwargs = recorded[1] if recorded and recorded[0] == factory else {}
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--model {factory}: {_one_line(e)}") from None
+    try:
+        return fn(**kwargs)
+    except TypeError as e:
+        raise UsageError(f"--model {factory}: calling it with {kwargs} failed: {_one_line(e)}"
+                         ) from None
+
+
+def _load_weights(weights: str, arch: str | None, factory: str | None = None):
     import jaxcam
     from jaxcam.weights import model_arch as weights_arch
 
     if not os.path.exists(weights):
         raise UsageError(
             f"--weights {weights!r} does not exist; give a torchvision .pth/.pt/.safetensors "
-            "file or a jaxcam checkpoint directory"
+            "file, a jaxcam checkpoint directory or a training run's folder"
         )
+    model = _user_model(factory, weights) if factory else None
     try:
-        bundle = jaxcam.load(weights, arch=arch)
+        bundle = jaxcam.load(weights, arch=arch, model=model)
     except (ValueError, KeyError, TypeError, OSError) as e:
         what = f" as --arch {arch}" if arch else ""
         raise UsageError(f"cannot load --weights {weights!r}{what}: {_one_line(e)}") from None
@@ -327,7 +428,7 @@ def plan_explain(args: argparse.Namespace) -> ExplainPlan:
             )
         seen[stem] = path
 
-    bundle = _load_weights(args.weights, args.arch)
+    bundle = _load_weights(args.weights, args.arch, args.model)
     model = bundle.model
     prep = bundle.preprocessing
     if args.image_size is not None and args.image_size != prep.image_size:
@@ -335,10 +436,11 @@ def plan_explain(args: argparse.Namespace) -> ExplainPlan:
         resize = None if prep.resize_size is None else round(
             size * prep.resize_size / prep.image_size)
         prep = dataclasses.replace(prep, image_size=size, resize_size=resize)
-    if prep.image_size < model.min_image_size:
+    min_size = getattr(model, "min_image_size", 1)
+    if prep.image_size < min_size:
         raise UsageError(
             f"--image-size {prep.image_size} is too small for {model.arch}; "
-            f"use at least {model.min_image_size}"
+            f"use at least {min_size}"
         )
     try:
         layer = model.resolve_layer(args.layer) if args.layer else model.default_layer
@@ -381,7 +483,7 @@ def _explain_kwargs(plan: ExplainPlan) -> dict[str, Any]:
     return kwargs
 
 
-def run_explain(plan: ExplainPlan) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+def run_explain(plan: ExplainPlan) -> tuple[Any, Any, list[dict[str, Any]]]:
     """The heavy part: predictions and explanations, in memory.
 
     Returns ``shown`` (uint8 ``(B, S, S, 3)``, the model's view of each image),
@@ -394,6 +496,7 @@ def run_explain(plan: ExplainPlan) -> tuple[np.ndarray, np.ndarray, list[dict[st
     ``class_idx=None`` (each image's predicted class). The logits come from the
     first explain call, so there is no separate forward pass.
     """
+    import numpy as np
     from tqdm import tqdm
 
     import jaxcam
@@ -442,10 +545,12 @@ def run_explain(plan: ExplainPlan) -> tuple[np.ndarray, np.ndarray, list[dict[st
 
 
 def _write_explain_outputs(
-    plan: ExplainPlan, shown: np.ndarray, probs: np.ndarray, ranks: list[dict[str, Any]],
+    plan: ExplainPlan, shown: Any, probs: Any, ranks: list[dict[str, Any]],
     directory: str,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Write every output file into ``directory``; returns file names and the summary."""
+    import numpy as np
+
     from jaxcam import viz
 
     files: list[str] = []
@@ -563,7 +668,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.weights):
         raise UsageError(
             f"WEIGHTS {args.weights!r} does not exist or is not a file; give a torchvision "
-            ".pth/.pt/.safetensors file"
+            "or timm .pth/.pt/.safetensors file"
         )
     if os.path.exists(args.out_dir) and not args.overwrite:
         raise UsageError(f"OUT_DIR {args.out_dir!r} already exists; choose a new directory "
@@ -571,11 +676,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.image_size < 1:
         raise UsageError(f"--image-size must be positive, got {args.image_size}")
     class_names = _read_class_names(args.class_names) if args.class_names else None
-    from jaxcam import weights
+    from jaxcam.loading import convert
 
     try:  # checkpoint.save is atomic: a failure leaves no partial OUT_DIR
-        weights.convert(args.weights, args.out_dir, args.arch, class_names=class_names,
-                        image_size=args.image_size, overwrite=args.overwrite)
+        convert(args.weights, args.out_dir, args.arch, class_names=class_names,
+                image_size=args.image_size, overwrite=args.overwrite)
     except (ValueError, KeyError, FileExistsError) as e:
         what = f" as {args.arch}" if args.arch else ""
         raise UsageError(f"cannot convert {args.weights!r}{what}: {_one_line(e)}") from None
@@ -612,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command if args.command != "data" else f"data {args.data_command}"
     try:
+        if args.command in ("explain", "convert"):  # the commands that compile
+            compilation.enable_from_args(args)
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         if os.environ.get("JAXCAM_DEBUG"):

@@ -5,7 +5,11 @@ schedule, weight decay, optional label smoothing and class weighting, batch
 norm statistics updated in train mode and used (running averages) in eval
 mode, an evaluation every epoch, early stopping on a validation metric, and an
 orbax ``CheckpointManager`` pair keeping the *latest* state (saved every
-``checkpoint_every`` steps and at each epoch end) and the *best* one.
+``checkpoint_every`` steps and at each epoch end) and the *best* one, and
+beside them a jaxcam checkpoint of the best model (``workdir/model``:
+:func:`jaxcam.checkpoint.save`, with the architecture, class names and
+preprocessing), rewritten atomically whenever the best changes, which
+``jaxcam.load`` / ``jaxcam explain --weights`` read.
 
 Resuming is exact: the data order is a pure function of ``(seed, epoch)`` (the
 caller's ``train_batches(epoch, start_step)``), the dropout key of a step is
@@ -35,6 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from jaxcam import checkpoint
 from jaxcam.metrics import classification
 
 Batch = Mapping[str, Any]
@@ -405,6 +410,33 @@ def _restore(manager, step: int, like: TrainState) -> tuple[TrainState, dict]:
     return out["state"], dict(out["meta"])
 
 
+def _saved_model_step(workdir: Path) -> int | None:
+    """The training step of the model checkpoint in ``workdir``, None if there is none."""
+    meta_path = workdir / checkpoint.TRAINING_MODEL_DIR / checkpoint.METADATA_FILE
+    try:
+        return json.loads(meta_path.read_text()).get("info", {}).get("step")
+    except (OSError, ValueError):
+        return None
+
+
+def _first_image_side(train_batches: BatchesFn, eval_batches) -> int:
+    source = eval_batches() if eval_batches is not None else train_batches(0, 0)
+    return int(np.shape(next(iter(source))["image"])[1])
+
+
+def _save_model(workdir: Path, model, variables: Mapping, info: dict,
+                class_names: Sequence[str] | None, preprocessing: Any | None,
+                image_size: int | None) -> None:
+    """``workdir/model``: the jaxcam checkpoint of ``variables`` (atomic overwrite)."""
+    from jaxcam.preprocessing import Preprocessing
+
+    if preprocessing is None:  # what jaxcam.data.batches does without a prep
+        preprocessing = Preprocessing(image_size=int(image_size), resize_size=None)
+    checkpoint.save(workdir / checkpoint.TRAINING_MODEL_DIR, model, variables,
+                    class_names=class_names, preprocessing=preprocessing, info=info,
+                    overwrite=True)
+
+
 def fit(
     model,
     variables: Mapping,
@@ -418,6 +450,8 @@ def fit(
     progress: bool = True,
     predict_fn: Callable | None = None,
     verbose: bool = True,
+    class_names: Sequence[str] | None = None,
+    preprocessing: Any | None = None,
 ) -> TrainResult:
     """Train ``model`` from ``variables``; resume from ``workdir`` if it holds a run.
 
@@ -443,6 +477,15 @@ def fit(
       verbose: print one summary line per epoch (and when resuming).
       predict_fn: a jitted ``(variables, x) -> logits`` to reuse for evaluation
         (default: :func:`make_predict_fn`).
+      class_names, preprocessing: recorded in the model checkpoint
+        ``workdir/model`` (a ``jaxcam.preprocessing.Preprocessing``; default:
+        resize straight to the training images' side, ImageNet mean/std, what
+        ``jaxcam.data.batches`` does by default).
+
+    The model checkpoint ``workdir/model`` holds the best-epoch model (the final
+    one without ``eval_batches``); its ``info`` records ``step``, ``epoch`` and
+    the monitored metric. After an interruption, or for a run written before
+    it existed, it is brought up to date when ``fit`` runs again.
     """
     from tqdm.auto import tqdm
 
@@ -495,6 +538,14 @@ def fit(
         if verbose:
             print(f"Resuming from step {resumed_at} (epoch {meta['epoch'] + 1}) in {workdir}")
 
+    def write_model(step: int, variables_: Mapping, source: str) -> None:
+        info = {"step": step, "epoch": meta["best_epoch"] if source == "best" else meta["epoch"],
+                "source": source, "monitor": config.monitor,
+                config.monitor: meta["best_value"] if source == "best" else None,
+                "fingerprint": meta["fingerprint"]}
+        _save_model(workdir, model, variables_, info, class_names, preprocessing,
+                    meta.get("image_size"))
+
     def better(value: float) -> bool:
         if meta["best_value"] is None:
             return True
@@ -522,6 +573,7 @@ def fit(
                     f"train_batches yielded a batch of {feed['image'].shape[0]} images, "
                     f"expected {config.batch_size}; drop the remainder in training."
                 )
+            meta.setdefault("image_size", int(feed["image"].shape[1]))
             state, m = train_step(state, feed)
             step_in_epoch += 1
             meta["loss_sum"] += float(m["loss"]) * config.batch_size
@@ -579,13 +631,20 @@ def fit(
         meta.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, correct=0, seen=0)
         if metrics is not None:
             _save(best, int(state.step), state, meta, metrics)
+            write_model(int(state.step), state_variables(state), "best")
         _save(latest, int(state.step), state, meta)
 
     final_vars = state_variables(state)
     best_vars = final_vars
+    model_step, source = int(state.step), "final"
     if eval_batches is not None and best.best_step() is not None:
         best_state, _ = _restore(best, best.best_step(), state)
         best_vars = state_variables(best_state)
+        model_step, source = int(best.best_step()), "best"
+    if _saved_model_step(workdir) != model_step:  # interrupted before it was written, or older
+        if "image_size" not in meta and preprocessing is None:
+            meta["image_size"] = _first_image_side(train_batches, eval_batches)
+        write_model(model_step, best_vars, source)
     latest.close()
     best.close()
     return TrainResult(

@@ -42,7 +42,6 @@ jaxcam never downloads anything: see docs/weights.md for getting the files.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -970,42 +969,3 @@ def load_weights(
                              None, None)
     return model, variables, prep
 
-
-def convert(
-    weights_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    arch: str | None = None,
-    class_names: list[str] | tuple[str, ...] | None = None,
-    image_size: int = 224,
-    *,
-    resize_size: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """torchvision or timm weights file -> jaxcam checkpoint directory (``jaxcam convert``).
-
-    Strict :func:`load_weights` (the library, and with ``arch=None`` the architecture,
-    from the keys), then :func:`jaxcam.checkpoint.save` with the library's eval
-    preprocessing for ``image_size``: torchvision's resizes the shorter side to
-    ``round(image_size * 256 / 224)`` (256 for 224; torchvision's ResNet-50
-    ``IMAGENET1K_V2`` weights use 232) with ImageNet mean/std, timm's to
-    ``floor(image_size / crop_pct)`` with the pretrained tag's mean/std
-    (:func:`timm_preprocessing`); then a centre crop of ``image_size``.
-    ``resize_size`` overrides the resize. ``class_names``, if given, must have one
-    name per classifier output. Returns the checkpoint directory.
-    """
-    from jaxcam import checkpoint
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(out_dir)!r} already exists; choose a new output directory or pass "
-            "overwrite=True (--overwrite)"
-        )
-    if resize_size is not None:  # built first: validates image_size / resize_size
-        Preprocessing(image_size=int(image_size), resize_size=int(resize_size))
-    model, variables, prep = load_weights(weights_path, arch, image_size=int(image_size))
-    if resize_size is not None:
-        prep = dataclasses.replace(prep, resize_size=int(resize_size))
-    return checkpoint.save(
-        out_dir, model, variables, class_names=class_names, preprocessing=prep, overwrite=overwrite
-    )

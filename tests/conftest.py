@@ -1,7 +1,14 @@
 """Shared fixtures: float64 scoped to one test, small deterministic keys."""
 
+import os
+
 import jax
 import pytest
+
+# The test suite never reads or writes the user's persistent compilation cache
+# (~/.cache/jaxcam/xla): in-process `jaxcam.cli.main` calls and CLI subprocesses
+# compile as without one. Tests of the cache pass their own directories.
+os.environ["JAXCAM_COMPILATION_CACHE"] = "off"
 
 
 @pytest.fixture
@@ -17,8 +24,6 @@ def x64():
 
 # CI runs hypothesis derandomized: the examples are a fixed function of each test, so a
 # submission that passed here passes there; locally every run explores new examples.
-import os  # noqa: E402
-
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True)

@@ -367,3 +367,99 @@ def test_method_expansion():
     assert cli._expand_methods(["gradcam", "all", "gradcam"]) == ["gradcam", *(
         m for m in jaxcam.METHODS if m != "gradcam")]
     assert cli._expand_methods(["layercam", "gradcam", "layercam"]) == ["layercam", "gradcam"]
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_help_imports_nothing_heavy():
+    """``jaxcam --help`` answers without importing JAX, Flax, numpy, matplotlib or TFDS
+    (their import is most of a second each); the method list still shows under
+    ``explain --help``, computed when shown."""
+    code = ("import sys\nfrom jaxcam import cli\ntry:\n    cli.main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = {'jax', 'flax', 'numpy', 'matplotlib', 'tensorflow_datasets', 'orbax',"
+            " 'torch'}\nprint('LOADED', sorted(heavy & set(sys.modules)))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout and "explain" in proc.stdout
+
+
+# ---------------------------------------------------------------- --model, recompilation
+
+
+TINY_FACTORY = "tests.test_compilation:tiny_model"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from jaxcam import checkpoint
+    from tests.test_compilation import tiny_model, tiny_variables
+
+    model = tiny_model(num_classes=4)
+    variables = tiny_variables(model)
+    ckpt = checkpoint.save(tmp_path_factory.mktemp("tiny") / "ckpt", model, variables,
+                           class_names=["w", "x", "y", "z"],
+                           preprocessing=Preprocessing(image_size=32, resize_size=None),
+                           factory=TINY_FACTORY, factory_kwargs={"num_classes": 4})
+    return ckpt, model, variables
+
+
+def test_model_option_builds_the_users_model_and_explains_with_its_checkpoint(
+        tiny_checkpoint, images, tmp_path, capsys):
+    ckpt, model, variables = tiny_checkpoint
+    with pytest.raises(SystemExit) as exit_info:  # the checkpoint alone is not trusted
+        cli.main(["explain", str(images[0]), "--weights", str(ckpt), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not import or call code a checkpoint names" in err
+    assert f"--model {TINY_FACTORY}" in err
+    out = tmp_path / "out"
+    cli.main(["explain", str(images[0]), "--weights", str(ckpt), "--model", TINY_FACTORY,
+              "--method", "gradcam", "--out", str(out)])
+    x, _ = load_images(images[:1], Preprocessing(image_size=32, resize_size=None))
+    logits = np.asarray(model.apply(variables, x), np.float64)[0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    preds = json.loads((out / "predictions.json").read_text())["images"][0]["predictions"]
+    np.testing.assert_allclose([p["probability"] for p in preds], np.sort(probs)[::-1],
+                               rtol=1e-5)
+    assert preds[0]["class_name"] == "wxyz"[int(np.argmax(probs))]
+    for argv, message in (
+        (["--model", "tests.nothing_here:f"], "cannot import the model factory"),
+        (["--model", "os.system"], "importable name 'package.module:function'"),
+        (["--model", "tests.test_compilation:no_such"], "does not exist"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(["explain", str(images[0]), "--weights", str(ckpt), *argv,
+                      "--out", str(tmp_path / "bad")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_second_image_of_the_same_size_in_the_same_process_never_recompiles(
+        converted, tmp_path, capsys):
+    """The CLI path in one process (a notebook, a server): after the first image, another
+    image file (of another size on disk) explained with the same checkpoint and input
+    size compiles nothing, though the model is loaded again; a new input size compiles
+    (new shapes). jaxcam's own models compare equal when rebuilt, which is what keeps
+    the compiled explanation valid across loads."""
+    from jaxcam.compilation import CompileCounter
+
+    ckpt, _ = converted
+    files = []
+    for i, (w, h) in enumerate([(50, 40), (90, 70)]):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(_smooth_image(h, w, 10 + i)).save(files[-1])
+    argv = lambda f, *extra: ["explain", str(f), "--weights", str(ckpt), "--method", "gradcam",
+                              "--method", "gradcam++", "--out", str(tmp_path / f.stem), *extra]
+    counts = []
+    for f, extra in ((files[0], ()), (files[1], ()), (files[1], ("--image-size", "96"))):
+        with CompileCounter() as counter:
+            cli.main(argv(f, *extra))
+        counts.append(counter.compiles)
+    assert counts[0] > 0 and counts[1] == 0, counts
+    assert counts[2] > 0, counts
+    capsys.readouterr()

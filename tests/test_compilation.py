@@ -1,7 +1,7 @@
 """The fast paths stay fast: no recompilation, shared work across methods, bounded chunks, float32.
 
 Counts come from ``jax.monitoring`` events (one per jaxpr trace and one per
-XLA compilation), through ``experiments.benchmark.CompileCounter`` -- the same
+XLA compilation), through ``jaxcam.compilation.CompileCounter`` -- the same
 counter the benchmark reports as ``recompiles``. The model is a tiny
 GAP + dense CNN built from the same ``Stage``/``StagedNet`` machinery as the
 real architectures, so every ``jaxcam.explain`` path is exercised in seconds.
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxcam
-from experiments.benchmark import CompileCounter
+from jaxcam.compilation import CompileCounter
 from jaxcam.models.base import Model, Stage, StagedNet, batch_norm, conv, global_average_pool, relu
 
 NUM_CLASSES = 5

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import jaxcam
 from jaxcam import weights
 from jaxcam.preprocessing import Preprocessing
 from jaxcam.weights import (
@@ -293,11 +294,11 @@ def test_convert_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
     names = [f"class {i}" for i in range(NUM_CLASSES)]
     with pytest.raises(ValueError, match="3 class names given for a model with 10 outputs"):
-        weights.convert(
+        jaxcam.convert(
             tmp_path / "w.safetensors", tmp_path / "bad", "efficientnet_b0", class_names=names[:3]
         )
     assert not (tmp_path / "bad").exists()
-    out = weights.convert(
+    out = jaxcam.convert(
         tmp_path / "w.safetensors",
         tmp_path / "ckpt",
         "efficientnet_b0",
@@ -309,10 +310,10 @@ def test_convert_writes_a_checkpoint_with_torchvision_preprocessing(tmp_path):
     assert bundle.preprocessing == Preprocessing(image_size=112, resize_size=128)
     assert_same_variables(bundle.variables, converted("efficientnet_b0")[1])
     with pytest.raises(FileExistsError, match="already exists.*overwrite"):
-        weights.convert(tmp_path / "w.safetensors", out, "efficientnet_b0")
+        jaxcam.convert(tmp_path / "w.safetensors", out, "efficientnet_b0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the strict path never warns
-        weights.convert(tmp_path / "w.safetensors", out, "efficientnet_b0", overwrite=True)
+        jaxcam.convert(tmp_path / "w.safetensors", out, "efficientnet_b0", overwrite=True)
     assert checkpoint.restore(out).class_names is None
 
 
