@@ -530,8 +530,8 @@ class CoordinateLines:
     ``f`` maps a batch ``(P, *a.shape)`` to ``(P,)`` or ``(P, q)``, each row a function
     of its own example only (eval mode). ``step``: each line's starting step, the
     typical magnitude of ``a`` (the line's own value where larger); ``min_step``: 2
-    ulps of the coordinate's value, below which ``a_i + t`` would round. Batches are
-    padded to a power of two (at most ``chunk_size``) so that few shapes compile."""
+    ulps of the coordinate's value, below which ``a_i + t`` would round. Every batch is
+    padded to ``chunk_size`` points, so that ``f`` compiles once."""
 
     f: Callable[[Any], Any]
     a: np.ndarray
@@ -567,7 +567,7 @@ class CoordinateLines:
         out = []
         for start in range(0, p * m, self.chunk_size):
             chunk = flat[start:start + self.chunk_size]
-            size = min(self.chunk_size, 1 << (len(chunk) - 1).bit_length())
+            size = self.chunk_size
             padded = np.concatenate([chunk, np.broadcast_to(chunk[:1], (size - len(chunk),
                                                                         chunk.shape[1]))])
             y = np.asarray(self._f(jnp.asarray(padded.reshape((size,) + self.a.shape))))
@@ -637,15 +637,21 @@ def _concat(parts: list[LineDerivatives]) -> LineDerivatives:
         for f in dataclasses.fields(LineDerivatives)})
 
 
-def derivative_scale(exact: Any, length: float) -> np.ndarray:
+def derivative_scale(exact: Any, length: float, value: Any = None) -> np.ndarray:
     """The magnitude a check of each derivative is relative to: ``max_i |D_n|`` over
     the checked coordinates (axis 0 of ``exact``, ``(n, ..., 3)``), as the relative
-    error ``|x - truth| / max|truth|`` is; where that is 0 (a derivative that is
+    error ``|x - truth| / max|truth|`` is. Where that is 0 (a derivative that is
     exactly zero, e.g. ``D2`` of a logit through a piecewise-linear head), the
     first-order change over ``length`` (the scale of the coordinates, e.g. the RMS
-    activation): ``max_i |D_1| / length^(n - 1)``. Shape ``exact.shape[1:]``."""
+    activation), ``max_i |D_1| / length^(n - 1)``; where ``D_1`` is zero too (every
+    unit after the layer dead: the function is constant), ``|value| / length^n``
+    with ``value`` the function's value (shape ``exact.shape[1:-1]``). Shape
+    ``exact.shape[1:]``."""
     exact = np.abs(np.asarray(exact, np.float64))
     top = exact.max(axis=0)
-    d1 = top[..., :1]
-    fallback = d1 / float(length) ** np.arange(3)
-    return np.where(top > 0, top, fallback)
+    powers = float(length) ** np.arange(3)
+    scale = np.where(top > 0, top, top[..., :1] / powers)
+    if value is not None:
+        constant = np.abs(np.asarray(value, np.float64))[..., None] / (powers * float(length))
+        scale = np.where(scale > 0, scale, constant)
+    return scale

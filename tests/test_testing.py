@@ -192,6 +192,9 @@ def test_coordinate_lines_need_float64():
 def test_derivative_scale():
     exact = np.array([[2.0, 0.0, -3.0], [-4.0, 0.0, 1.0]])
     np.testing.assert_allclose(fdt.derivative_scale(exact, 2.0), [4.0, 2.0, 3.0])
+    # a constant function (every unit after the layer dead): the value over the length
+    np.testing.assert_allclose(fdt.derivative_scale(np.zeros((2, 3)), 2.0, value=8.0),
+                               [4.0, 2.0, 1.0])
 
 
 def test_bad_arguments():
