@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxcam import methods
 
     model, variables = jaxcam.weights.load_torchvision(net.state_dict(), "resnet50")
-    # S_c ~ 83 here: e^{S_c} ~ 1e36 is near float32's limit, and explain's closed form
-    # carries that factor (issue 14); the scale-free line below does not
+    # S_c ~ 83 at 224 px: explain's closed form carries the factor e^{S_c}, at float32's
+    # limit (raw maps ~2e38; issue 14); the scale-free line below does not
     ex = jaxcam.explain(model, variables, x, method="gradcam++", derivatives="closed_form")
     ours = np.array(ex.maps)
     # the same closed form without the factor e^{S_c} (alphas do not depend on it, the
