@@ -3,7 +3,7 @@
 For each model / layer / target it measures how far the Grad-CAM++ inputs
 ``D2, D3, alpha`` of the ``factored``, ``closed_form`` and ``nested_sum``
 engines are from the ``taylor`` engine (ground truth, on sampled
-coordinates), checks ``taylor`` against float64 central finite differences,
+coordinates), checks ``taylor`` against float64 finite differences (``jaxcam.testing``),
 compares the resulting maps (exact vs closed form vs nested sum, and
 Grad-CAM++ vs Grad-CAM) and times each engine. Writes ``results.json``,
 ``report.md`` and plots into ``--out``.
@@ -53,7 +53,8 @@ class Config:
     """Options. ``models``: ``arch:layer,layer`` strings (``default`` = the model's
     default layer). ``coords``: coordinates per image sampled for the ``taylor``
     ground truth; ``fd_coords``: of those, how many (non-zero activations only) are
-    checked against float64 finite differences (image 0). ``inits``: ``trained`` (briefly, here, on
+    checked against float64 finite differences (image 0; coordinates the oracle refuses
+    are replaced by other sampled ones and counted). ``inits``: ``trained`` (briefly, here, on
     ``train_images`` synthetic lesions for ``train_epochs`` at ``train_image_size``; the
     convolutional models then run at ``image_size``) and/or ``random`` (the control);
     ignored with ``checkpoint``."""
@@ -198,15 +199,6 @@ def map_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "max_abs_diff": float(m[3])}
 
 
-def central_differences(values: dict[int, float], h: float) -> tuple[float, float, float]:
-    """O(h^4) central stencils for d1, d2, d3 from g(j h), j = -3..3."""
-    v = values
-    d1 = (v[-2] - 8 * v[-1] + 8 * v[1] - v[2]) / (12 * h)
-    d2 = (-v[2] + 16 * v[1] - 30 * v[0] + 16 * v[-1] - v[-2]) / (12 * h**2)
-    d3 = (-v[3] + 8 * v[2] - 13 * v[1] + 13 * v[-1] - 8 * v[-2] + v[-3]) / (8 * h**3)
-    return d1, d2, d3
-
-
 def _images(n: int, size: int, seed: int) -> np.ndarray:
     """``n`` held-out synthetic lesion images (one per class in turn), normalised with
     the ImageNet statistics as the training pipeline does: float32 ``(n, S, S, 3)``."""
@@ -253,27 +245,29 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
-FD_STEPS = 2.0 ** -np.arange(0, 26)  # candidate steps, 1 down to 3e-8 (times max(|A_i|, 1))
+FD_RTOL = 1e-6  # an FD estimate is trusted when its error bound is below this times the scale
 
 
-def _finite_differences(model, variables, A, layer, targets, cls, coords):
-    """taylor (float64) vs float64 central finite differences at ``coords`` of image 0.
+def _finite_differences(model, variables, A, layer, targets, cls, candidates, count, seed):
+    """taylor (float64) vs float64 finite differences (:mod:`jaxcam.testing`) on image 0.
 
-    The step is chosen per coordinate and order, not fixed: central differences are
-    evaluated for every step in ``FD_STEPS`` and the estimate where two successive
-    steps agree best (relative difference) is kept: the plateau between truncation or
-    kink crossing at large steps and round-off at small ones. A fixed or scale-derived
-    step fails both ways here: through ReLU heads a large step crosses kinks (the
-    pieces are linear, so the stencil sees a corner), and where the score is near 0 a
-    scale-derived step collapses into round-off. The logits of all perturbed points
-    come from one batched head call per coordinate; every target is then a function
-    of those logits. Returns ``{target: [stats of D1, D2, D3]}``.
+    The oracle estimates each coordinate's ``D1, D2, D3`` for every target (one batched
+    head call per step level; the targets are functions of its logits) with an error
+    bound, and refuses coordinates where no step gives a trustworthy estimate: a kink
+    of the ReLU / max-pool head within reach of every resolvable step, round-off
+    dominating, values not finite. A coordinate is kept when every target and order
+    is trusted at ``FD_RTOL`` of the scale (:func:`jaxcam.testing.derivative_scale` of
+    ``taylor`` over all ``candidates``); refused ones are replaced by the next
+    candidates (in a fixed random order) until ``count`` are kept. Errors are relative
+    to that scale. Returns ``{target: {"D1": stats, ..., "checked", "refused",
+    "tried"}}``.
     """
     import jax
     import jax.numpy as jnp
 
     from jaxcam import derivatives as deriv
     from jaxcam import targets as targets_lib
+    from jaxcam import testing
 
     previous = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
@@ -281,42 +275,39 @@ def _finite_differences(model, variables, A, layer, targets, cls, coords):
         v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
         A64 = jnp.asarray(A[:1], jnp.float64)
         c = jnp.asarray(cls[:1])
-        head = jax.jit(lambda v, a: model.head(v, a, layer))
-        offsets = np.arange(-3, 4)
-        phis = {t: jax.jit(jax.vmap(targets_lib.get_target(t), in_axes=(0, None)))
-                for t in targets}
-        fd = {t: [] for t in targets}
-        flat = np.asarray(A64[0]).ravel()
-        for idx in np.asarray(coords):
-            steps = FD_STEPS * max(abs(float(flat[int(idx)])), 1.0)
-            t = (steps[:, None] * offsets[None, :]).ravel()  # (S * 7,)
-            pts = jnp.broadcast_to(A64, (t.size, *A64.shape[1:]))
-            pts = pts.reshape(t.size, -1).at[:, int(idx)].add(jnp.asarray(t)).reshape(
-                (t.size, *A64.shape[1:]))
-            logits = head(v64, pts)
-            for name in targets:
-                g = np.asarray(phis[name](logits, c[0])).reshape(len(steps), 7)
-                est = np.array([central_differences(dict(zip(offsets.tolist(), row,
-                                                             strict=True)), h)
-                                for row, h in zip(g, steps, strict=True)])  # (S, 3)
-                # relative agreement of successive steps; a step too small to move the
-                # score in float64 (all 7 values equal) resolves nothing, whatever it
-                # "agrees" with
-                scale = np.maximum(np.abs(est[:-1]), np.abs(est[1:]))
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    gap = np.abs(np.diff(est, axis=0)) / scale  # (S - 1, 3)
-                moved = np.ptp(g, axis=1) > 0
-                gap[~(moved[:-1] & moved[1:])] = np.inf
-                best = np.argmin(np.where(np.isfinite(gap), gap, np.inf), axis=0)
-                fd[name].append([est[best[n] + 1, n] for n in range(3)])
-        out = {}
-        for name in targets:
-            phi = targets_lib.get_target(name)
+        phis = [targets_lib.get_target(t) for t in targets]
+        candidates = np.random.default_rng([seed, 0xFD]).permutation(np.asarray(candidates))
+        truth = []  # (targets, candidates, 3)
+        for phi in phis:
             f = partial(jax.jit(lambda v, a, phi=phi: jax.vmap(phi)(model.head(v, a, layer), c)),
                         v64)
-            exact = deriv.taylor_derivatives_at(f, A64, jnp.asarray(coords))
-            got = np.array(fd[name]).T  # (3, n)
-            out[name] = [error_stats(got[n][None], np.asarray(exact[n])) for n in range(3)]
+            truth.append(np.stack([np.asarray(d)[0] for d in deriv.taylor_derivatives_at(
+                f, A64, jnp.asarray(candidates))], -1))
+        truth = np.stack(truth, 1)  # (candidates, targets, 3)
+        a0 = np.asarray(A64[0])
+        scale = testing.derivative_scale(truth, float(np.sqrt(np.mean(a0**2))) or 1.0)
+
+        def scores(v, pts):  # (P, targets): every target of one head call
+            logits = model.head(v, pts, layer)
+            return jnp.stack([jax.vmap(phi, in_axes=(0, None))(logits, c[0]) for phi in phis],
+                             -1)
+
+        check = testing.check_coordinates(partial(jax.jit(scores), v64), a0, candidates, count,
+                                          rtol=FD_RTOL, scale=scale)
+        kept = np.array([np.flatnonzero(candidates == i)[0] for i in check.coords], int)
+        out = {}
+        for q, name in enumerate(targets):
+            row: dict[str, Any] = {"checked": int(check.coords.size), "tried": check.tried,
+                                   "refused": dict(check.refused)}
+            if check.coords.size:
+                err = np.abs(check.fd.value[:, q] - truth[kept, q]) / scale[q]  # (k, 3)
+                for n in range(3):
+                    e = err[:, n]
+                    row[f"D{n + 1}"] = {"median": float(np.median(e)),
+                                        "p99": float(np.percentile(e, 99)),
+                                        "max": float(e.max())}
+                    row[f"D{n + 1}_bound"] = float((check.fd.error[:, q, n] / scale[q, n]).max())
+            out[name] = row
         return out
     finally:
         jax.config.update("jax_enable_x64", previous)
@@ -397,20 +388,18 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
             if fd_all is None:
                 try:
                     # exact zeros of a rectified layer sit on kinks of what follows (a
-                    # max-pool window of zeros is a tie: one-sided slopes 1 and 0, central
-                    # differences 1/2, autodiff picks one): check differentiable points
+                    # ReLU at 0, a max-pool window of zeros is a tie): not candidates; the
+                    # oracle refuses the other kinks it meets
                     nonzero = coords[np.asarray(A[0]).ravel()[coords] != 0]
                     if nonzero.size == 0:
                         raise ValueError("every sampled activation of image 0 is exactly 0 "
                                          "(dead units): no differentiable point to check")
                     fd_all = _finite_differences(model, variables, A, layer, config.targets,
-                                                 np.asarray(cls), nonzero[: config.fd_coords])
+                                                 np.asarray(cls), nonzero, config.fd_coords,
+                                                 config.seed)
                 except Exception as err:  # noqa: BLE001 - reported, not hidden
                     fd_all = {"error": f"{type(err).__name__}: {err}"}
-            if "error" in fd_all:
-                row["finite_differences"] = dict(fd_all)
-            else:
-                row["finite_differences"] = {f"D{n + 1}": fd_all[target][n] for n in range(3)}
+            row["finite_differences"] = dict(fd_all) if "error" in fd_all else fd_all[target]
         exact = full.get("factored")
         if exact is None:
             fn = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives(f_of(v), a))
@@ -447,7 +436,12 @@ def run(config: Config) -> dict[str, Any]:
         # which inits are studied, plots and progress bars do not change a row's numbers
         same = lambda c: {k: v for k, v in c.items() if k not in ("inits", "plots", "progress")}
         if same(previous.get("config", {})) == same(json.loads(json.dumps(results["config"]))):
-            done = {(m["arch"], m["layer"], m["init"]): m for m in previous["models"]}
+            # rows whose finite differences came from the previous oracle (no
+            # "checked" count) are recomputed
+            done = {(m["arch"], m["layer"], m["init"]): m for m in previous["models"]
+                    if all("checked" in r.get("finite_differences", {"checked": 0})
+                           or "error" in r["finite_differences"]
+                           for r in m["targets"].values())}
             results["training"] = previous.get("training", {})
     specs = _parse_models(config.models)
     runs: list[tuple[str, str, list[str]]] = []  # (arch, init, layers)
@@ -557,18 +551,28 @@ def markdown(results: dict[str, Any]) -> str:
             for e, errs in row["errors"].items():
                 lines.append(f"| {_key(m)} | {t} | {e} | {_fmt(errs['D2'])} | "
                              f"{_fmt(errs['D3'])} | {_fmt(errs['alpha'])} |")
-    lines += ["", "## taylor (float64) vs float64 central finite differences (image 0)", "",
-              "| model | layer | init | target | D1 | D2 | D3 |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## taylor (float64) vs float64 finite differences (image 0)", "",
+              "`jaxcam.testing`'s oracle: steps from each line's own scale, an error bound "
+              f"per estimate; a coordinate is checked when every target and order is trusted "
+              f"(bound <= {FD_RTOL:g} of the scale, max |taylor| over the sampled coordinates), "
+              "else refused and replaced. Errors relative to that scale; `bound`: the largest "
+              "error bound of the checked estimates (D1 / D2 / D3).", "",
+              "| model | layer | init | target | checked (tried; refused) | D1 | D2 | D3 "
+              "| bound |", "|---|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
         for t, row in m["targets"].items():
             fd = row.get("finite_differences")
             if not fd:
                 continue
             if "error" in fd:
-                lines.append(f"| {_key(m)} | {t} | {fd['error']} | | |")
-            else:
-                lines.append(f"| {_key(m)} | {t} | " + " | ".join(
-                    _fmt(fd[f"D{n}"]) for n in (1, 2, 3)) + " |")
+                lines.append(f"| {_key(m)} | {t} | {fd['error']} | | | | |")
+                continue
+            refused = ", ".join(f"{v} {k}" for k, v in sorted(fd["refused"].items())) or "none"
+            cells = [_fmt(fd[f"D{n}"]) if f"D{n}" in fd else "-" for n in (1, 2, 3)]
+            bound = " / ".join(f"{fd[f'D{n}_bound']:.0e}" for n in (1, 2, 3)
+                               if f"D{n}_bound" in fd) or "-"
+            lines.append(f"| {_key(m)} | {t} | {fd['checked']} ({fd['tried']}; {refused}) | "
+                         + " | ".join(cells) + f" | {bound} |")
     lines += ["", "## Map-level effect (Grad-CAM++ maps, mean over images)", "",
               "| model | layer | init | target | comparison | Pearson | Spearman | top-20% IoU "
               "| max abs diff |",

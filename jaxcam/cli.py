@@ -694,14 +694,13 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     """``jaxcam data build``: :func:`jaxcam.data.build`, which validates every input
     file before writing and prints its own summary (counts per split and class,
     skipped records)."""
-    if args.manual_dir is not None and not os.path.isdir(args.manual_dir):
-        raise UsageError(f"--manual-dir {args.manual_dir!r} is not a directory; give the "
-                         "folder holding the downloaded files")
     import jaxcam.data
 
     if args.name not in jaxcam.data.DATASETS:
         raise UsageError(f"unknown dataset {args.name!r}; choose one of "
                          f"{', '.join(jaxcam.data.DATASETS)}")
+    # a missing or wrong folder: the expected layout and where to download it
+    jaxcam.data.check_manual_dir(args.name, args.manual_dir)
     config = {} if args.config is None else {"config": args.config}
     jaxcam.data.build(args.name, manual_dir=args.manual_dir, data_dir=args.data_dir,
                       skip_bad=args.skip_bad, overwrite=args.overwrite, **config)

@@ -317,10 +317,28 @@ def test_data_build_bad_input(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert re.search(r"unknown dataset 'imagenet'; choose one of .*ham10000",
                      capsys.readouterr().err)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["data", "build", "ham10000", "--manual-dir", str(tmp_path / "nowhere")])
-    assert exit_info.value.code == 2
-    assert "--manual-dir" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    # a missing folder, or a file given as the folder: the layout the builder reads and
+    # where to download it, before anything is built
+    (tmp_path / "a_file.zip").write_bytes(b"")
+    expected = {
+        "ham10000": [r"HAM10000_metadata\.csv", r"HAM10000_images_part_1/",
+                     r"kaggle\.com/datasets/kmader/skin-cancer-mnist-ham10000",
+                     r"doi\.org/10\.7910/DVN/DBW86T"],
+        "aptos2019": [r"train\.csv", r"train_images/",
+                      r"kaggle\.com/competitions/aptos2019-blindness-detection"],
+    }
+    for name, parts in expected.items():
+        for folder, problem in ((tmp_path / "nowhere", r"folder .*nowhere does not exist"),
+                                (tmp_path / "a_file.zip", r"a_file\.zip is a file, not a folder")):
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main(["data", "build", name, "--manual-dir", str(folder),
+                          "--data-dir", str(tmp_path / "d")])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2
+            assert re.search(rf"^jaxcam data build: error: .*{problem}", err), err
+            for part in parts + [rf"jaxcam data build {name} --manual-dir MANUAL_DIR"]:
+                assert re.search(part, err), (part, err)
+    assert not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------- help and helpers

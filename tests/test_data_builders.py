@@ -225,9 +225,17 @@ def _ham_error(tmp_path, match, exc=ValueError, **kw):
 def test_ham_missing_folder_shows_layout_and_url(tmp_path):
     _ham_error(
         tmp_path,
-        r"(?s)does not exist.*kaggle.com/datasets/kmader.*HAM10000_images_part_1/",
+        r"(?s)does not exist.*HAM10000_images_part_1/.*kaggle.com/datasets/kmader"
+        r".*doi.org/10.7910/DVN/DBW86T",
         FileNotFoundError,
         manual_dir=tmp_path / "nope",
+    )
+    (tmp_path / "HAM10000_images_part_1.zip").write_bytes(b"")
+    _ham_error(
+        tmp_path,
+        r"(?s)HAM10000_images_part_1.zip is a file, not a folder.*HAM10000_metadata.csv",
+        FileNotFoundError,
+        manual_dir=tmp_path / "HAM10000_images_part_1.zip",
     )
     _ham_error(
         tmp_path, r"(?s)must be downloaded by hand.*HAM10000_metadata.csv", FileNotFoundError
@@ -309,6 +317,16 @@ def test_aptos_build_counts_stratified(tmp_path):
         for c in range(5):  # 6 per grade: singleton groups, within 2 of the target
             assert abs(sum(e["label"] == c for e in splits[name]) - 6 * p) < 2
     assert data.summarize(builder)["class_names"] == list(data.info("aptos2019").class_names)
+
+
+def test_aptos_missing_folder_shows_layout_and_url(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"(?s)APTOS 2019 folder .*nope does not exist"
+                       r".*train_images/.*kaggle.com/competitions/aptos2019-blindness"):
+        data.build("aptos2019", manual_dir=tmp_path / "nope", data_dir=tmp_path / "t",
+                   verbose=False)
+    assert not (tmp_path / "t").exists()  # raised before any work
+    with pytest.raises(ValueError, match="synthetic_lesions is generated.*drop manual_dir"):
+        data.build("synthetic_lesions", manual_dir=tmp_path, data_dir=tmp_path / "t")
 
 
 def test_aptos_bad_input(tmp_path):

@@ -17,7 +17,15 @@ import dataclasses
 from collections.abc import Iterator
 
 from jaxcam.data import aptos2019, ham10000, synthetic
-from jaxcam.data.builders import BUILDERS, build, format_summary, load, make_config, summarize
+from jaxcam.data.builders import (
+    BUILDERS,
+    build,
+    check_manual_dir,
+    format_summary,
+    load,
+    make_config,
+    summarize,
+)
 from jaxcam.data.pipeline import batches
 from jaxcam.data.splits import SPLIT_NAMES, lesion_grouped_split
 
@@ -68,6 +76,7 @@ __all__ = [
     "SPLIT_NAMES",
     "batches",
     "build",
+    "check_manual_dir",
     "format_summary",
     "info",
     "lesion_grouped_split",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jaxcam.data.manual import BadInputError, Item, find_ci, index_images, layout_error, read_csv
 
+DISPLAY = "APTOS 2019"
 URL = "https://www.kaggle.com/competitions/aptos2019-blindness-detection/data"
 CLASS_NAMES: tuple[str, ...] = ("no_dr", "mild", "moderate", "severe", "proliferative_dr")
 DISPLAY_NAMES: tuple[str, ...] = (
@@ -31,6 +32,9 @@ Expected the Kaggle "APTOS 2019 Blindness Detection" download, unzipped
     train.csv                 (columns: id_code, diagnosis with grades 0-4)
     train_images/000c1434d8d7.png ...
   (train_images.zip in MANUAL_DIR is accepted too; test_images/ is not used.)
+Download it (jaxcam never downloads data) from the competition's data page on Kaggle,
+  {URL}
+  (sign in and accept the competition rules first), then unzip it into MANUAL_DIR.
 Then run: jaxcam data build aptos2019 --manual-dir MANUAL_DIR"""
 
 
@@ -39,7 +43,7 @@ def read_items(manual_dir: str | Path) -> list[Item]:
     manual_dir = Path(manual_dir).expanduser()
     if not manual_dir.is_dir():
         raise layout_error(
-            FileNotFoundError, f"APTOS 2019 folder {manual_dir} does not exist.", LAYOUT
+            FileNotFoundError, f"{DISPLAY} folder {manual_dir} does not exist.", LAYOUT
         )
     csv_path = find_ci(manual_dir, "train.csv")
     if csv_path is None:

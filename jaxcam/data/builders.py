@@ -31,7 +31,14 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from jaxcam.data import aptos2019, ham10000, synthetic
-from jaxcam.data.manual import BadInputError, Item, encode_image, png_bytes, screen_items
+from jaxcam.data.manual import (
+    BadInputError,
+    Item,
+    encode_image,
+    layout_error,
+    png_bytes,
+    screen_items,
+)
 from jaxcam.data.splits import (
     DEFAULT_PROPORTIONS,
     SPLIT_NAMES,
@@ -427,6 +434,32 @@ def _make_builder(
     return builder_class(name)(config=cfg, data_dir=None if data_dir is None else str(data_dir))
 
 
+def check_manual_dir(name: str, manual_dir: str | Path | None) -> None:
+    """Fail fast on a ``manual_dir`` that cannot be the download of ``name``.
+
+    A folder given for a dataset read from a download must exist and be a
+    directory: otherwise ``FileNotFoundError`` naming it, with the layout the
+    builder reads and where to download the data. (What is inside is checked
+    by the builder's reader, with the same layout in its errors.) The synthetic
+    set is generated, so a folder given for it is a ``ValueError``.
+    """
+    cls = builder_class(name)
+    if manual_dir is None:
+        return
+    if not issubclass(cls, _ManualBuilder):
+        raise ValueError(f"{name} is generated, not read from a download: drop manual_dir "
+                         "(CLI: --manual-dir).")
+    path = Path(manual_dir).expanduser()
+    if not path.exists():
+        problem = f"{cls.MODULE.DISPLAY} folder {path} does not exist."
+    elif not path.is_dir():
+        problem = (f"{path} is a file, not a folder: give the folder holding the unzipped "
+                   f"{cls.MODULE.DISPLAY} download.")
+    else:
+        return
+    raise layout_error(FileNotFoundError, problem, cls.MODULE.LAYOUT)
+
+
 def build(
     name: str,
     manual_dir: str | Path | None = None,
@@ -461,6 +494,7 @@ def build(
     """
     cls = builder_class(name)
     needs_manual = issubclass(cls, _ManualBuilder)
+    check_manual_dir(name, manual_dir)
     with _quiet_tfds(progress):
         builder = _make_builder(name, data_dir, config)
         exists = Path(builder.data_dir).joinpath("dataset_info.json").exists()

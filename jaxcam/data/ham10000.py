@@ -13,7 +13,9 @@ from pathlib import Path
 
 from jaxcam.data.manual import BadInputError, Item, find_ci, index_images, layout_error, read_csv
 
+DISPLAY = "HAM10000"
 URL = "https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000"
+DATAVERSE_URL = "https://doi.org/10.7910/DVN/DBW86T"  # the authors' release (Harvard Dataverse)
 METADATA = "HAM10000_metadata.csv"
 CLASS_NAMES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 DISPLAY_NAMES: tuple[str, ...] = (
@@ -37,6 +39,11 @@ Expected the Kaggle "Skin Cancer MNIST: HAM10000" download, unzipped
     HAM10000_images_part_2/ISIC_0029306.jpg ...
   or the two archives HAM10000_images_part_1.zip and HAM10000_images_part_2.zip
   in MANUAL_DIR, or all ISIC_*.jpg directly in MANUAL_DIR.
+Download it yourself (jaxcam never downloads data) from
+  Kaggle (free account): {URL}
+  or Harvard Dataverse:  {DATAVERSE_URL} (HAM10000_images_part1.zip,
+                         HAM10000_images_part2.zip and HAM10000_metadata, saved as
+                         {METADATA}, comma-separated)
 Then run: jaxcam data build ham10000 --manual-dir MANUAL_DIR"""
 
 
@@ -61,7 +68,7 @@ def read_items(manual_dir: str | Path) -> list[Item]:
     manual_dir = Path(manual_dir).expanduser()
     if not manual_dir.is_dir():
         raise layout_error(
-            FileNotFoundError, f"HAM10000 folder {manual_dir} does not exist.", LAYOUT
+            FileNotFoundError, f"{DISPLAY} folder {manual_dir} does not exist.", LAYOUT
         )
     meta = find_ci(manual_dir, METADATA)
     if meta is None:
