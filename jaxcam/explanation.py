@@ -34,7 +34,7 @@ from jaxcam import derivatives as deriv
 from jaxcam import methods as methods_lib
 from jaxcam import targets as targets_lib
 from jaxcam.methods import DEFAULT_TARGETS  # noqa: F401  (re-exported)
-from jaxcam.models.base import check_variables
+from jaxcam.models import check_variables
 
 DERIVATIVES: tuple[str, ...] = ("exact", "closed_form", "nested_sum")
 EXACT_ENGINES: tuple[str, ...] = deriv.EXACT_ENGINES

@@ -6,6 +6,7 @@ plain JAX functions explainable. See docs/models.md."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from jaxcam.models.adapters import (
     FunctionsModel,
@@ -16,7 +17,7 @@ from jaxcam.models.adapters import (
     from_nnx,
     tokens_to_grid,
 )
-from jaxcam.models.base import Model, Stage
+from jaxcam.models.base import Model, Stage, leaf_shapes, variables_mismatch
 from jaxcam.models.efficientnet import efficientnet_b0
 from jaxcam.models.resnet import resnet50
 from jaxcam.models.vgg import vgg19
@@ -44,6 +45,47 @@ def get(arch: str, num_classes: int = 1000) -> Model:
     return build(num_classes)
 
 
+def guess_variables_arch(variables: Any) -> str | None:
+    """The jaxcam architecture whose variable paths ``variables`` share most (None when
+    none shares most of them); the classifier width is ignored."""
+    got = set(leaf_shapes(variables))
+    if not got:
+        return None
+    best, best_score = None, 0.0
+    for arch in ARCHS:
+        want = set(leaf_shapes(get(arch, 10).abstract_variables()))
+        score = len(got & want) / len(got | want)
+        if score > best_score:
+            best, best_score = arch, score
+    return best if best_score > 0.5 else None
+
+
+def check_variables(model: Any, variables: Any) -> None:
+    """ValueError naming what is missing, unexpected or mis-shaped when ``variables``
+    do not belong to ``model`` (and which architecture they look like). Models
+    without ``abstract_variables`` are not checked."""
+    abstract = getattr(model, "abstract_variables", None)
+    if abstract is None:
+        return
+    missing, unexpected, shapes = variables_mismatch(abstract(), variables)
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{', ...' if len(items) > 8 else ''}"
+             for name, items in (("missing", missing), ("unexpected", unexpected),
+                                 ("shape mismatches", shapes)) if items]
+    arch = getattr(model, "arch", type(model).__name__)
+    looks = guess_variables_arch(variables) if (missing or unexpected) else None
+    hint = (f" They look like the variables of a {looks}: build that model "
+            f"(jaxcam.get({looks!r}, ...)) or load its weights." if looks and looks != arch
+            else "")
+    raise ValueError(
+        f"variables do not belong to this {arch} (num_classes="
+        f"{getattr(model, 'num_classes', None)}): " + "; ".join(parts) + "." + hint
+        + " Pass the variables returned by model.init, training or jaxcam.load for the "
+        "same model."
+    )
+
+
 __all__ = [
     "ARCHS",
     "FunctionsModel",
@@ -51,12 +93,14 @@ __all__ = [
     "Model",
     "NNXModel",
     "Stage",
+    "check_variables",
     "ViTModel",
     "efficientnet_b0",
     "from_functions",
     "from_linen",
     "from_nnx",
     "get",
+    "guess_variables_arch",
     "resnet50",
     "tokens_to_grid",
     "vgg19",

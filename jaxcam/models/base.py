@@ -418,7 +418,7 @@ def _plain_dicts(tree: Any) -> Any:
     return tree
 
 
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -426,55 +426,12 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def variables_mismatch(expected: Any, variables: Any) -> tuple[list[str], list[str], list[str]]:
     """``(missing, unexpected, shape mismatches)`` of ``variables`` against the
     abstract tree ``expected`` (paths joined by ``/``)."""
-    want, got = _leaf_shapes(expected), _leaf_shapes(variables)
+    want, got = leaf_shapes(expected), leaf_shapes(variables)
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     shapes = sorted(f"{k}: {got[k]} != {want[k]}" for k in set(want) & set(got)
                     if got[k] != want[k])
     return missing, unexpected, shapes
-
-
-def guess_variables_arch(variables: Any) -> str | None:
-    """The jaxcam architecture whose variable paths ``variables`` share most (None when
-    none shares most of them); the classifier width is ignored."""
-    from jaxcam import models
-
-    got = set(_leaf_shapes(variables))
-    if not got:
-        return None
-    best, best_score = None, 0.0
-    for arch in models.ARCHS:
-        want = set(_leaf_shapes(models.get(arch, 10).abstract_variables()))
-        score = len(got & want) / len(got | want)
-        if score > best_score:
-            best, best_score = arch, score
-    return best if best_score > 0.5 else None
-
-
-def check_variables(model: Any, variables: Any) -> None:
-    """ValueError naming what is missing, unexpected or mis-shaped when ``variables``
-    do not belong to ``model`` (and which architecture they look like). Models
-    without ``abstract_variables`` are not checked."""
-    abstract = getattr(model, "abstract_variables", None)
-    if abstract is None:
-        return
-    missing, unexpected, shapes = variables_mismatch(abstract(), variables)
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{name} ({len(items)}): {', '.join(items[:8])}{', ...' if len(items) > 8 else ''}"
-             for name, items in (("missing", missing), ("unexpected", unexpected),
-                                 ("shape mismatches", shapes)) if items]
-    arch = getattr(model, "arch", type(model).__name__)
-    looks = guess_variables_arch(variables) if (missing or unexpected) else None
-    hint = (f" They look like the variables of a {looks}: build that model "
-            f"(jaxcam.models.get({looks!r}, ...)) or load its weights." if looks and looks != arch
-            else "")
-    raise ValueError(
-        f"variables do not belong to this {arch} (num_classes="
-        f"{getattr(model, 'num_classes', None)}): " + "; ".join(parts) + "." + hint
-        + " Pass the variables returned by model.init, training or jaxcam.load for the "
-        "same model."
-    )
 
 
 def uniform_init(bound: float) -> Callable[..., Array]:
