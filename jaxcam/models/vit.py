@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache, partial
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -433,6 +434,77 @@ class ViTModel(Model):
                 f"to_grid at {name!r} of {self.arch} expects tokens (B, 1 + g*g, D), got "
                 f"shape {tuple(a.shape)}")
         return a[:, 1:].reshape(a.shape[0], g, g, a.shape[2])
+
+    def row_head(self, variables: Variables, a: Array, layer: str | None = None,
+                 x: Array | None = None) -> Callable[[Array, Array], Array] | None:
+        """The head with one token row replaced, restricted to what that row reaches
+        (the ``row_head`` of docs/models.md, used by the ``taylor`` engine), at the
+        last block's first LayerNorm; None at every other layer.
+
+        ``g(t, r)`` (``t`` a token index, ``r`` (B, D)) equals
+        ``head(variables, a.at[:, t].set(r), layer, x=x)``. The head reads the class
+        token only, so row ``t`` reaches the logits through its own key and value rows
+        (and the class token's query when ``t = 0``), the class token's attention
+        weights, and one token's out-projection, LayerNorm, MLP, final norm and
+        classifier: with ``qkv = a W + b`` computed once,
+
+            s_j = q_0 . k_j / sqrt(c)   (row t's key k_t = r W_k + b_k),
+            o   = sum_j softmax(s)_j v_j,
+            x_0' = x_0 + o W_o + b_o,   x_0'' = x_0' + MLP(LN_2(x_0')),
+            logits = head(LN(x_0'')),
+
+        per head, about ``N`` times less work per coordinate than the whole block over
+        all ``N`` tokens.
+        """
+        name = self.resolve_layer(layer)
+        c = self.config
+        last = c.num_layers - 1
+        if name != f"{block_name(last)}.ln_1":
+            return None
+        if x is None:
+            raise ValueError(f"row_head at {name!r} needs the images x (the residual stream)")
+        x = self._check_images(x)
+        a = self._check_activations(a, name, x)
+        i = self._stage_index(name)
+        stream = self.module.apply(variables, x, train=False, start=0, stop=i + 1)[0]
+        params = variables["params"]
+        block = params["encoder"]["layers"][f"encoder_layer_{last}"]
+        attn = block["self_attention"]
+        heads, d = c.num_heads, c.hidden_dim
+        head_dim = d // heads
+        b, n = a.shape[0], a.shape[1]
+
+        def dense(p, z):
+            return z @ p["kernel"] + p["bias"]
+
+        qkv0 = dense(attn["in_proj"], a)  # (B, N, 3D), fixed
+        q0 = qkv0[:, 0, :d]
+        k0 = qkv0[:, :, d:2 * d].reshape(b, n, heads, head_dim)
+        v0 = qkv0[:, :, 2 * d:].reshape(b, n, heads, head_dim)
+        x0 = stream[:, 0]
+        ln_2, ln = layer_norm("ln_2"), layer_norm("ln")
+        mlp = MLPBlock(c.mlp_dim)
+        classifier = Heads(c.num_classes)
+
+        def g(t: Array, r: Array) -> Array:
+            qkv_t = dense(attn["in_proj"], r)  # (B, 3D)
+            q = jnp.where(t == 0, qkv_t[:, :d], q0).reshape(b, heads, head_dim)
+            k_t = qkv_t[:, d:2 * d].reshape(b, heads, head_dim)
+            v_t = qkv_t[:, 2 * d:].reshape(b, heads, head_dim)
+            scale = 1.0 / math.sqrt(head_dim)
+            s = jnp.einsum("bhc,bkhc->bhk", q, k0) * scale  # (B, H, N)
+            s_t = jnp.einsum("bhc,bhc->bh", q, k_t) * scale
+            s = jax.lax.dynamic_update_slice_in_dim(s, s_t[..., None], t, axis=2)
+            w = jax.nn.softmax(s, axis=-1)
+            v_old = jax.lax.dynamic_index_in_dim(v0, t, axis=1, keepdims=False)  # (B, H, c)
+            w_t = jax.lax.dynamic_index_in_dim(w, t, axis=2, keepdims=False)  # (B, H)
+            o = jnp.einsum("bhk,bkhc->bhc", w, v0) + w_t[..., None] * (v_t - v_old)
+            y = x0 + dense(attn["out_proj"], o.reshape(b, d))
+            y = y + mlp.apply({"params": block["mlp"]}, ln_2.apply({"params": block["ln_2"]}, y))
+            cls = ln.apply({"params": params["encoder"]["ln"]}, y)
+            return classifier.apply({"params": params["heads"]}, cls)
+
+        return g
 
     def linear_head(self, variables: Variables, layer: str | None = None) -> None:
         """None: no cut of a ViT is followed by GAP + dense (the head reads the class
