@@ -655,3 +655,29 @@ def derivative_scale(exact: Any, length: float, value: Any = None) -> np.ndarray
         constant = np.abs(np.asarray(value, np.float64))[..., None] / (powers * float(length))
         scale = np.where(scale > 0, scale, constant)
     return scale
+
+
+def resolved_top_k(scores: Any, k: int = 1, *, rtol: float = 1e-4) -> np.ndarray:
+    """The indices ``(B, k)`` of each row's ``k`` largest scores, in order, after checking
+    that the ranking is *resolved*: every gap between consecutive scores among the top
+    ``k + 1`` (the ``k``-th against the next one too) exceeds ``rtol`` times the row's
+    largest magnitude. A test that compares a class chosen in one program with one
+    chosen in another (a CLI run, a compiled function, another library) depends on
+    the last bits of the logits when two of them nearly tie, which differ between CPUs
+    (vector width, summation order); this makes such a fixture fail everywhere, with a
+    message, instead of passing or failing by the machine."""
+    s = np.asarray(scores, np.float64)
+    if s.ndim != 2 or not 1 <= k < s.shape[1]:
+        raise ValueError(f"scores must be (B, C) with 1 <= k < C, got shape {s.shape}, k={k}")
+    order = np.argsort(-s, axis=-1, kind="stable")
+    top = np.take_along_axis(s, order[:, : k + 1], axis=-1)
+    gaps = -np.diff(top, axis=-1)  # (B, k)
+    scale = np.abs(s).max(-1, keepdims=True)
+    bad = np.argwhere(gaps <= rtol * scale)
+    if bad.size:
+        b, r = bad[0]
+        raise AssertionError(
+            f"near-tie in row {b}: the scores ranked {r + 1} and {r + 2} differ by "
+            f"{gaps[b, r]:.3g} (<= {rtol:g} x {scale[b, 0]:.3g}); the ranking depends on "
+            "float rounding, so the fixture is ill-conditioned: pick another seed or input")
+    return order[:, :k]

@@ -206,3 +206,19 @@ def test_bad_arguments():
         fdt.finite_difference_derivatives(lambda i, t: t, 1, rtol=2.0)
     with pytest.raises(ValueError, match=r"returned shape \(1,\)"):
         fdt.finite_difference_derivatives(lambda i, t: t[:, 0], 1)
+
+
+def test_resolved_top_k_returns_the_ranking_or_refuses_a_near_tie():
+    s = np.array([[0.1, 3.0, 2.0, -1.0], [5.0, 4.0, 1.0, 4.5]])
+    np.testing.assert_array_equal(fdt.resolved_top_k(s, 2), [[1, 2], [0, 3]])
+    tie = np.array([[1.0, 2.0, 2.0 + 1e-7, 0.0]])
+    assert fdt.resolved_top_k(tie, 1, rtol=1e-9)[0, 0] == 2
+    with pytest.raises(AssertionError, match="near-tie in row 0: the scores ranked 1 and 2"):
+        fdt.resolved_top_k(tie, 1)
+    # only the ranks asked for (and the next one) must be resolved
+    late_tie = np.array([[9.0, 5.0, 1.0, 1.0 + 1e-9]])
+    np.testing.assert_array_equal(fdt.resolved_top_k(late_tie, 1), [[0]])
+    with pytest.raises(AssertionError, match="ranked 3 and 4"):
+        fdt.resolved_top_k(late_tie, 3)
+    with pytest.raises(ValueError, match="1 <= k < C"):
+        fdt.resolved_top_k(s, 4)
