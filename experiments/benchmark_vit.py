@@ -79,7 +79,8 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
     bm._cell(store, dict(base, method="taylor_generic"), lambda: coordinate_cell(False))
     rows = store.get(**dict(base, method="taylor_rows"))
     generic = store.get(**dict(base, method="taylor_generic"))
-    if rows and generic and "seconds_per_coordinate" in rows and "seconds_per_coordinate" in generic:
+    key = "seconds_per_coordinate"
+    if rows and generic and key in rows and key in generic:
         ratio = generic["seconds_per_coordinate"] / rows["seconds_per_coordinate"]
         bm._progress(f"    per-token path {ratio:.3g}x faster per coordinate than the generic "
                      f"pass ({rows['seconds_per_coordinate'] * 1e6:.3g} vs "

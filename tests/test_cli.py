@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 import jaxcam
-from jaxcam.testing import resolved_top_k
 from jaxcam import cli, viz
 from jaxcam.io import load_images
 from jaxcam.preprocessing import Preprocessing
+from jaxcam.testing import resolved_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = ["benign nevus", "melanoma", "keratosis"]

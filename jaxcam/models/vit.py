@@ -55,9 +55,9 @@ does not use here. torchvision's own ``VisionTransformer`` accepts only its
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
