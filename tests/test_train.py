@@ -216,3 +216,45 @@ def test_early_stopping_and_mismatched_resume(tmp_path):
     other = dataclasses.replace(cfg, learning_rate=0.1)
     with pytest.raises(ValueError, match="different training run"):
         _run(tmp_path, other, eval_images=_toy_data(12, seed=1))
+
+
+def _batch_moments(variables, x):
+    """Mean and biased variance per channel of _TinyNet's BatchNorm input (its conv)."""
+    conv = variables["params"]["Conv_0"]
+    y = jax.lax.conv_general_dilated(
+        jnp.asarray(x), conv["kernel"], (2, 2), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+    mean = y.mean((0, 1, 2))
+    return np.asarray(mean), np.asarray((y**2).mean((0, 1, 2)) - mean**2)
+
+
+def test_recalibrated_batch_stats_are_the_mean_of_the_batch_statistics():
+    images, labels = _toy_data()
+    model = _TinyModel()
+    variables = model.init(jax.random.PRNGKey(0))
+    batches = [{"image": images[i : i + 8], "label": labels[i : i + 8]} for i in (0, 8, 16, 24)]
+    out = train.recalibrate_batch_stats(model, variables, iter(batches), num_batches=3)
+    moments = [_batch_moments(variables, b["image"]) for b in batches[:3]]  # the 4th unused
+    bn = out["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_allclose(bn["mean"], np.mean([m for m, _ in moments], 0), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(bn["var"], np.mean([v for _, v in moments], 0), rtol=1e-5,
+                               atol=1e-6)
+    assert out["params"] is variables["params"]
+    # nothing to recalibrate: returned unchanged
+    assert train.recalibrate_batch_stats(model, variables, iter(batches), 0) == variables
+    assert train.recalibrate_batch_stats(model, variables, iter([]), 5) == variables
+
+
+def test_fit_evaluates_with_batch_stats_recalibrated_under_the_final_weights(tmp_path):
+    cfg = train.TrainConfig(epochs=2, batch_size=8, learning_rate=0.05, checkpoint_every=100,
+                            bn_recalibration_batches=3)
+    res = _run(tmp_path, cfg, eval_images=_toy_data(12, seed=1))
+    images, labels = _toy_data()
+    last_epoch = _batches_fn(images, labels, 8, cfg.seed)(cfg.epochs - 1, 0)
+    final = res.final_variables
+    moments = [_batch_moments(final, next(last_epoch)["image"]) for _ in range(3)]
+    np.testing.assert_allclose(final["batch_stats"]["BatchNorm_0"]["var"],
+                               np.mean([v for _, v in moments], 0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="bn_recalibration_batches must be >= 0"):
+        train.TrainConfig(bn_recalibration_batches=-1)
