@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from jaxcam import compilation
+from jaxcam.models import ARCHS  # every architecture jaxcam ships
 
-ARCHS: tuple[str, ...] = ("resnet50", "vgg19", "efficientnet_b0")
 SYNTHETIC = "synthetic_lesions"
 
 # Display names of the explanation methods: label -> (jaxcam method, derivatives).
@@ -393,7 +393,9 @@ def explained_layer(model, variables, image_size: int, layer: str | None) -> str
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
 
     def side(name: str) -> int:
-        return min(jax.eval_shape(lambda v, x: model.features(v, x, name), variables, x).shape[1:3])
+        grid = jax.eval_shape(lambda v, x: model.to_grid(model.features(v, x, name), name),
+                              variables, x)
+        return min(grid.shape[1:3])
 
     if side(model.default_layer) >= MIN_MAP_SIZE:
         return model.default_layer
