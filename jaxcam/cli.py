@@ -720,9 +720,12 @@ def requested_imports(argv: Sequence[str]) -> list[str]:
     in order (read before parsing, so that ``--method`` choices include what they
     register wherever on the line ``--import`` stands)."""
     argv = list(argv)
-    if "explain" not in argv:
+    i = 0  # skip the top-level options to the command word
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--compilation-cache" else 1
+    if i >= len(argv) or argv[i] != "explain":
         return []
-    rest = argv[argv.index("explain") + 1:]
+    rest = argv[i + 1:]
     if "--" in rest:
         rest = rest[:rest.index("--")]
     modules = []

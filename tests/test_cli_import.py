@@ -127,5 +127,7 @@ def test_without_import_the_method_is_unknown_and_bad_modules_are_named(setup, c
 def test_requested_imports_are_read_from_the_explain_line_only():
     assert cli.requested_imports(["explain", "a.png", "--import", "m1", "--method", "x",
                                   "--import=pkg.m2"]) == ["m1", "pkg.m2"]
-    assert cli.requested_imports(["convert", "w.pth", "out", "--import", "m"]) == []
+    assert cli.requested_imports(["--compilation-cache", "off", "explain", "a.png",
+                                  "--import", "m"]) == ["m"]
+    assert cli.requested_imports(["convert", "explain", "out", "--import", "m"]) == []
     assert cli.requested_imports(["explain", "--", "--import", "m"]) == []
