@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="your own model: a function that builds it (imported; called with "
                     "the keyword arguments the checkpoint records when it names the same "
                     "factory, else with none); --weights is then its jaxcam checkpoint")
+    ex.add_argument("--import", action="append", dest="imports", default=[],
+                    metavar="MODULE",
+                    help="import a Python module (on PYTHONPATH) before anything else, "
+                    "repeatable: e.g. one whose @jaxcam.methods.register(NAME) functions "
+                    "make --method NAME available")
     ex.add_argument("--layer", help="target layer (name or alias); default: the model's "
                     "default layer (layer4, features.36, features.8)")
     ex.add_argument("--method", action="append", dest="methods", metavar="METHOD",
@@ -710,8 +715,65 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------- entry point
 
 
+def requested_imports(argv: Sequence[str]) -> list[str]:
+    """The ``--import MODULE`` / ``--import=MODULE`` values of an ``explain`` command line,
+    in order (read before parsing, so that ``--method`` choices include what they
+    register wherever on the line ``--import`` stands)."""
+    argv = list(argv)
+    i = 0  # skip the top-level options to the command word
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] == "--compilation-cache" else 1
+    if i >= len(argv) or argv[i] != "explain":
+        return []
+    rest = argv[i + 1:]
+    if "--" in rest:
+        rest = rest[:rest.index("--")]
+    modules = []
+    for i, token in enumerate(rest):
+        if token == "--import" and i + 1 < len(rest):
+            modules.append(rest[i + 1])
+        elif token.startswith("--import="):
+            modules.append(token.partition("=")[2])
+    return modules
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """``--import``: import each module (running its code, e.g. method registrations).
+
+    Raises :class:`UsageError` naming the module that failed and why.
+    """
+    import importlib
+
+    for name in modules:
+        if name.endswith(".py") or any(not part.isidentifier() for part in name.split(".")):
+            raise UsageError(f"--import {name!r} is not a module name; give a dotted Python "
+                             "module name such as 'mymethods' (for mymethods.py, its folder "
+                             "on PYTHONPATH) or 'mypkg.cams'")
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise UsageError(f"--import {name}: importing module {name!r} failed: "
+                                 f"{_one_line(e)}") from None  # a module it imports
+            raise UsageError(
+                f"--import {name}: cannot import module {name!r} ({_one_line(e)}); check the "
+                "name and put its folder on PYTHONPATH"
+            ) from None
+        except Exception as e:
+            if os.environ.get("JAXCAM_DEBUG"):
+                raise
+            raise UsageError(f"--import {name}: importing module {name!r} failed: "
+                             f"{type(e).__name__}: {_one_line(e)}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxcam`` console script. Returns 0; exits 2 on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # before parsing: the modules may register methods that --method then accepts
+        import_modules(requested_imports(argv))
+    except UsageError as e:
+        print(f"{PROG} explain: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     parser = build_parser()
     args = parser.parse_args(argv)
     command = args.command if args.command != "data" else f"data {args.data_command}"

@@ -1,0 +1,86 @@
+"""First-order maps on a ViT against pytorch-grad-cam, same random weights and inputs.
+
+pytorch-grad-cam explains a ViT through a ``reshape_transform`` (its tutorial's: drop
+the class token, reshape the ``g*g`` patch tokens row-major to ``(B, D, g, g)``) at
+``model.encoder.layers[-1].ln_1``, the last block's first LayerNorm; jaxcam's default
+layer is the same module and its token-to-grid reshape is the same. Its hooks read the
+gradient of the logit with respect to the LayerNorm's output with the residual stream
+that bypasses the norm held fixed, as jaxcam's ``head(v, A, layer, x=images)`` does.
+
+Model: torchvision's ``VisionTransformer`` at ViT-Ti widths (D 192, 3 heads, 12 blocks,
+MLP 768, 16 px patches) at 224 px (a 14x14 grid: torchvision's ViT accepts only its
+configured size), every parameter randomised (``tests/test_vit.py``), loaded with
+``jaxcam.weights.load_torchvision(state_dict, "vit_ti_16")``. Maps: both libraries
+apply a ReLU, min-max normalise on the grid and upsample bilinearly to 224 px (cv2
+against jaxcam's half-pixel bilinear resize); compared to 2e-3 absolute.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+pgc = pytest.importorskip("pytorch_grad_cam")
+
+import jaxcam  # noqa: E402
+from tests.test_vit import randomize  # noqa: E402
+
+SIZE = 224
+GRID = SIZE // 16
+CLASSES = [1, 4]
+LAYER = "encoder.layers.encoder_layer_11.ln_1"
+PAIRS = [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("hirescam", "HiResCAM"),
+         ("layercam", "LayerCAM")]
+
+
+def reshape_transform(tensor):
+    """pytorch-grad-cam's ViT recipe: ``(B, 1 + g*g, D)`` tokens -> ``(B, D, g, g)``."""
+    result = tensor[:, 1:, :].reshape(tensor.size(0), GRID, GRID, tensor.size(2))
+    return result.permute(0, 3, 1, 2)
+
+
+@functools.cache
+def setup():
+    torch.manual_seed(0)
+    net = torchvision.models.vision_transformer.VisionTransformer(
+        image_size=SIZE, patch_size=16, num_layers=12, num_heads=3, hidden_dim=192,
+        mlp_dim=768, num_classes=6)
+    randomize(net, seed=5)
+    model, variables = jaxcam.weights.load_torchvision(net.state_dict(), "vit_ti_16")
+    x = np.random.default_rng(0).standard_normal((2, SIZE, SIZE, 3)).astype(np.float32)
+    return net, model, variables, x
+
+
+@functools.cache
+def ours():
+    _, model, variables, x = setup()
+    assert model.default_layer == LAYER
+    return jaxcam.explain(model, variables, x, method=[m for m, _ in PAIRS],
+                          class_idx=CLASSES, target="logit")
+
+
+def theirs(their_class: str) -> np.ndarray:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    net, _, _, x = setup()
+    cam = getattr(pgc, their_class)(model=net, target_layers=[net.encoder.layers[-1].ln_1],
+                                    reshape_transform=reshape_transform)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    return cam(input_tensor=xt, targets=[ClassifierOutputTarget(c) for c in CLASSES])
+
+
+@pytest.mark.parametrize("name,their_class", PAIRS)
+def test_vit_maps_equal_pytorch_grad_cam(name, their_class):
+    ex = ours()[name]
+    ref = theirs(their_class)
+    maps = np.asarray(ex.maps)
+    assert maps.shape == ref.shape == (2, SIZE, SIZE)
+    assert np.asarray(ex.raw).shape == (2, GRID, GRID)
+    for b in range(2):
+        if bool(ex.degenerate[b]):  # no positive evidence: both maps are all zero
+            assert np.abs(ref[b]).max() < 1e-6, (name, b)
+            continue
+        assert maps[b].std() > 0.05  # a real map
+        np.testing.assert_allclose(maps[b], ref[b], atol=2e-3, err_msg=f"{name} image {b}")
