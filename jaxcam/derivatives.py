@@ -307,23 +307,6 @@ def _linear_head_moments(
     return tuple(x[:, None, None, :] for x in (g, m1, m2, m3))
 
 
-def _linear_head_moments(
-    W: jax.Array, logits: jax.Array, class_idx: jax.Array, spatial: tuple[int, int]
-) -> tuple[jax.Array, ...]:
-    """Row ``g`` and shifted moments for a GAP + dense head, analytically:
-    ``J_j(i, k) = W[k, j] / (h w)`` is constant over positions, so everything
-    lives on ``(B, K)`` and is broadcast over ``(h, w)``."""
-    scale = 1.0 / (spatial[0] * spatial[1])
-    Wt = W.T.astype(logits.dtype) * scale  # (C, K)
-    g = Wt[class_idx]  # (B, K)
-    u = Wt[None] - g[:, None, :]  # (B, C, K)
-    p = jax.nn.softmax(logits, axis=-1)
-    m1 = jnp.einsum("bc,bck->bk", p, u)
-    m2 = jnp.einsum("bc,bck->bk", p, u * u)
-    m3 = jnp.einsum("bc,bck->bk", p, u * u * u)
-    return tuple(x[:, None, None, :] for x in (g, m1, m2, m3))
-
-
 def _inner_cotangent(target: targets_lib.Target, out: Any, c: jax.Array, data: Any) -> Any:
     """``d s / d out`` per image (a pytree like ``out``): with one VJP of the head it
     gives ``ds/dA`` for any target (chain rule)."""
