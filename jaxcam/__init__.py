@@ -32,6 +32,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "dataset_explain": ("jaxcam.dataset_explain", None),
     "loading": ("jaxcam.loading", None),
     "compilation": ("jaxcam.compilation", None),
+    "timing": ("jaxcam.timing", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
