@@ -231,45 +231,11 @@ def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data
 # --------------------------------------------------------------------------------------
 
 
-def build_model(config: ExperimentConfig, num_classes: int):
-    """The model, its initial variables, and the replaced leaves when fine-tuning."""
-    import jax
-
-    import jaxcam
+def train_config(config: ExperimentConfig, spec: ExperimentSpec):
+    """The :class:`jaxcam.train.TrainConfig` of an experiment's options."""
     from jaxcam import train
 
-    model = jaxcam.models.get(config.arch, num_classes)
-    min_size = getattr(model, "min_image_size", 32)
-    if config.image_size < min_size:
-        raise ValueError(f"--image-size {config.image_size} is below the {config.arch} "
-                         f"minimum of {min_size} px.")
-    variables = model.init(jax.random.PRNGKey(config.seed), image_size=config.image_size)
-    replaced: list[str] = []
-    if config.pretrained:
-        loaded = jaxcam.load(config.pretrained, arch=config.arch)
-        variables, replaced = train.transfer_variables(loaded.variables, variables)
-        print(f"Fine-tuning from {config.pretrained}: new classifier for {num_classes} "
-              f"classes ({len(replaced)} tensors re-initialised).", flush=True)
-    return model, variables, replaced
-
-
-def train_model(config: ExperimentConfig, spec: ExperimentSpec, data: Data, model, variables,
-                out: Path, predict_fn=None):
-    import jaxcam.data as jdata
-    from jaxcam import train
-
-    train_src = data.splits["train"]
-    n_train = len(train_src)
-    if config.batch_size > n_train:
-        raise ValueError(
-            f"--batch-size {config.batch_size} is larger than the training split "
-            f"({n_train} images); lower --batch-size."
-        )
-    from jaxcam.data.pipeline import source_labels
-
-    train_labels = source_labels(train_src)
-    counts = np.bincount(train_labels, minlength=len(data.class_names))
-    tconfig = train.TrainConfig(
+    return train.TrainConfig(
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
         class_weighting=config.class_weighting, patience=config.patience,
@@ -277,85 +243,13 @@ def train_model(config: ExperimentConfig, spec: ExperimentSpec, data: Data, mode
         monitor="kappa" if spec.headline == "kappa" else "balanced_accuracy",
     )
 
-    def train_batches(epoch: int, start_step: int):
-        return jdata.batches(train_src, config.batch_size, config.image_size, train=True,
-                             seed=config.seed, epoch=epoch, start_step=start_step,
-                             balanced=config.balanced, labels=train_labels)
 
-    def eval_batches():
-        return jdata.batches(data.splits["validation"], config.batch_size, config.image_size,
-                             train=False, seed=config.seed, drop_remainder=False)
+def train_on_synthetic(model, variables, out: Path, *, arch: str | None = None, **kwargs):
+    """:func:`jaxcam.train.train_on_synthetic` (``arch`` is ignored: the model's), the name
+    ``experiments.derivatives`` calls."""
+    from jaxcam import train
 
-    from jaxcam.preprocessing import Preprocessing
-
-    result = train.fit(
-        model, variables, train_batches, train.batches_per_epoch(n_train, config.batch_size),
-        tconfig, out / "checkpoints", eval_batches=eval_batches, class_counts=counts,
-        progress=config.progress, predict_fn=predict_fn, class_names=data.class_names,
-        # what jdata.batches does: resize straight to image_size, ImageNet mean/std
-        preprocessing=Preprocessing(image_size=config.image_size, resize_size=None),
-    )
-    return result, counts
-
-
-def train_on_synthetic(model, variables, out: Path, *, arch: str, synthetic_config: str,
-                       num_train: int, image_size: int, epochs: int, batch_size: int,
-                       learning_rate: float, seed: int, cache_dir: str | None = None,
-                       progress: bool = True):
-    """Train ``model`` briefly on a synthetic lesion configuration (``"default"``: one
-    lesion per image, or ``"multi"``); the studies use it to get a model that has
-    learned something.
-
-    Builds (cached) ``num_train`` training and ``num_train // 10`` validation images at
-    ``image_size`` into ``cache_dir`` (default ``out/tfds``), trains with
-    :func:`train_model` (checkpoints in ``out/checkpoints``: rerunning resumes) and
-    returns the :class:`jaxcam.train.TrainResult` (best-epoch ``variables``, ``history``
-    with ``val_accuracy``).
-    """
-    import jaxcam.data as jdata
-
-    n_val = max(1, num_train // 10)
-    builder_config = {"config": synthetic_config, "num_train": num_train,
-                      "num_validation": n_val, "num_test": 1,
-                      "image_size": image_size, "seed": seed}
-    cache = Path(cache_dir) if cache_dir else out / "tfds"
-    jdata.build(SYNTHETIC, data_dir=str(cache), progress=progress, **builder_config)
-    splits = {s: jdata.load(SYNTHETIC, s, data_dir=str(cache), **builder_config)
-              for s in ("train", "validation")}
-    meta = jdata.info(SYNTHETIC)
-    data = Data(SYNTHETIC, splits, tuple(meta.display_names), tuple(meta.malignant),
-                builder_config)
-    spec = ExperimentSpec(name="synthetic", title=f"synthetic {synthetic_config}-lesion set",
-                          dataset=SYNTHETIC, methods=(), headline="accuracy", reference={},
-                          reference_source="")
-    exp_config = ExperimentConfig(
-        arch=arch, epochs=epochs, image_size=image_size,
-        batch_size=min(batch_size, num_train), learning_rate=learning_rate,
-        seed=seed, progress=progress, out=str(out))
-    result, _ = train_model(exp_config, spec, data, model, variables, out)
-    return result
-
-
-# --------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------
-
-
-def evaluate_split(config, model, variables, source, num_classes: int,
-                   predict_fn=None) -> dict[str, Any]:
-    import jaxcam.data as jdata
-    from jaxcam import metrics, train
-
-    out = train.predict(
-        model, variables,
-        jdata.batches(source, config.batch_size, config.image_size, train=False,
-                      seed=config.seed, drop_remainder=False),
-        config.batch_size, predict_fn,
-    )
-    pred = np.argmax(out["logits"], -1)
-    report = metrics.classification_report(out["label"], pred, num_classes)
-    report["kappa"] = metrics.quadratic_weighted_kappa(out["label"], pred, num_classes)
-    return report
+    return train.train_on_synthetic(model, variables, out, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -565,111 +459,32 @@ def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, An
 # --------------------------------------------------------------------------------------
 
 
-def _figure(nrows: int, ncols: int, w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
-
-
-def confusion_figure(matrix, class_names: Sequence[str], title: str):
-    m = np.asarray(matrix)
-    k = len(class_names)
-    fig, axes = _figure(1, 1, 1.2 + 0.8 * k, 1.0 + 0.7 * k)
-    ax = axes[0, 0]
-    ax.imshow(m, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center",
-                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=9)
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), class_names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=10)
-    return fig
-
-
-def curves_figure(history: list[dict]):
-    fig, axes = _figure(1, 2, 9, 3.4)
-    epochs = [h["epoch"] for h in history]
-    axes[0, 0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    axes[0, 0].plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    axes[0, 0].set_title("loss")
-    axes[0, 1].plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
-    axes[0, 1].plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
-    axes[0, 1].plot(epochs, [h["val_balanced_accuracy"] for h in history], "s--",
-                    label="validation (balanced)")
-    axes[0, 1].set_title("accuracy")
-    for ax in axes[0]:
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    return fig
-
-
-def signed_map(heat: np.ndarray, malignant_pred: bool) -> np.ndarray:
-    """Evidence for the predicted class, signed by its group: ``+map`` for a malignant
-    prediction (drawn red), ``-map`` for a benign one (blue); in ``[-1, 1]``."""
-    return heat if malignant_pred else -heat
-
-
 def explanation_figure(ex: Explained, i: int, class_names, malignant, signed: bool):
     """Original | each method; rows: heatmap, overlay (and signed overlay)."""
     from jaxcam import viz
 
-    labels = list(ex.maps)
-    rows = 3 if signed and malignant is not None else 2
-    fig, axes = _figure(rows, len(labels) + 1, 2.0 * (len(labels) + 1), 2.1 * rows + 0.4)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    image = ex.images01[i]
-    axes[0, 0].imshow(image)
-    axes[0, 0].set_title("original", fontsize=9)
-    if ex.masks is not None:
-        axes[1, 0].imshow(image)
-        axes[1, 0].contour(ex.masks[i], levels=[0.5], colors="lime", linewidths=1)
-        axes[1, 0].set_title("lesion mask", fontsize=9)
     pred = int(ex.pred[i])
-    for j, label in enumerate(labels, start=1):
-        heat = ex.maps[label][i]
-        axes[0, j].imshow(viz.colorize(heat))
-        axes[0, j].set_title(label, fontsize=9)
-        axes[1, j].imshow(viz.overlay(image, heat))
-        if rows == 3:
-            axes[2, j].imshow(viz.signed_overlay(image, signed_map(heat, malignant[pred])))
-    if rows == 3:
-        axes[2, 0].imshow(image)
-        axes[2, 0].set_title("signed evidence\n(red: malignant, blue: benign)", fontsize=8)
     group = "" if malignant is None else (" (malignant)" if malignant[pred] else " (benign)")
-    fig.suptitle(f"true: {class_names[int(ex.labels[i])]} | predicted: {class_names[pred]}"
-                 f"{group}, p={ex.probs[i, pred]:.2f}", fontsize=10)
-    return fig
+    return viz.explanation_panels(
+        ex.images01[i], {label: m[i] for label, m in ex.maps.items()},
+        mask=None if ex.masks is None else ex.masks[i],
+        positive=bool(malignant[pred]) if signed and malignant is not None else None,
+        title=f"true: {class_names[int(ex.labels[i])]} | predicted: {class_names[pred]}"
+              f"{group}, p={ex.probs[i, pred]:.2f}")
 
 
 def write_gif(path: Path, ex: Explained, label: str, class_names, malignant, count: int,
               size: int = 160) -> str:
     """Frames: original | overlay of ``label``'s map (signed when malignancy is known)."""
-    from PIL import Image
-
     from jaxcam import viz
 
     frames, captions = [], []
     for i in range(min(count, len(ex.labels))):
         pred = int(ex.pred[i])
-        image = ex.images01[i]
-        heat = ex.maps[label][i]
-        if malignant is not None:
-            ov = viz.signed_overlay(image, signed_map(heat, malignant[pred]))
-            group = "malignant" if malignant[pred] else "benign"
-        else:
-            ov = viz.overlay(image, heat)
-            group = ""
-        pair = np.concatenate([viz.overlay(image, heat, alpha=0.0), ov], axis=1)
-        pair = np.asarray(Image.fromarray(pair).resize((2 * size, size), Image.BILINEAR))
-        frames.append(pair)
+        positive = None if malignant is None else bool(malignant[pred])
+        frames.append(viz.overlay_pair(ex.images01[i], ex.maps[label][i], positive=positive,
+                                       size=size))
+        group = "" if positive is None else ("malignant" if positive else "benign")
         captions.append(f"pred {class_names[pred]} {group} (true {class_names[int(ex.labels[i])]})")
     return viz.save_gif(path, frames, captions=captions, duration_ms=900)
 
@@ -847,23 +662,31 @@ def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
     data = load_data(config, spec, out)
     timing["data_s"] = time.perf_counter() - t0
     num_classes = len(data.class_names)
-    model, variables, replaced = build_model(config, num_classes)
+    model, variables, replaced = train.init_model(config.arch, num_classes,
+                                                  image_size=config.image_size,
+                                                  seed=config.seed, pretrained=config.pretrained)
     layer = explained_layer(model, variables, config.image_size, config.layer)
 
     t = time.perf_counter()
     predict_fn = train.make_predict_fn(model)  # one compiled forward pass for every split
-    result, counts = train_model(config, spec, data, model, variables, out, predict_fn)
+    result, counts = train.fit_sources(
+        model, variables, data.splits["train"], data.splits["validation"],
+        train_config(config, spec), out / "checkpoints", image_size=config.image_size,
+        class_names=data.class_names, balanced=config.balanced, progress=config.progress,
+        predict_fn=predict_fn)
     timing["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    reports = {s: evaluate_split(config, model, result.variables, data.splits[s], num_classes,
-                                 predict_fn) for s in ("train", "test")}
+    reports = {s: train.evaluate_source(model, result.variables, data.splits[s], num_classes,
+                                        image_size=config.image_size,
+                                        batch_size=config.batch_size, seed=config.seed,
+                                        predict_fn=predict_fn) for s in ("train", "test")}
     timing["evaluate_s"] = time.perf_counter() - t
     test_r = reports["test"]
-    viz.save_figure(confusion_figure(test_r["confusion_matrix"], data.class_names,
-                                     f"test, accuracy {_pct(test_r['accuracy'])}"),
+    viz.save_figure(viz.confusion_figure(test_r["confusion_matrix"], data.class_names,
+                                         f"test, accuracy {_pct(test_r['accuracy'])}"),
                     out / "confusion_matrix.png")
-    viz.save_figure(curves_figure(result.history), out / "training_curves.png")
+    viz.save_figure(viz.training_curves_figure(result.history), out / "training_curves.png")
     print(f"train accuracy {_pct(reports['train']['accuracy'])} | test accuracy "
           f"{_pct(test_r['accuracy'])} | balanced {_pct(test_r['balanced_accuracy'])} | "
           f"macro F1 {test_r['macro']['f1']:.3f} | kappa {test_r['kappa']:.3f}", flush=True)

@@ -186,9 +186,11 @@ def get_model(config: LocalizationConfig, out: Path):
 
 
 def train_on_multi(config: LocalizationConfig, model, variables, out: Path):
-    """Train on the ``multi`` synthetic configuration (experiments.common.train_on_synthetic)."""
-    return common.train_on_synthetic(
-        model, variables, out, arch=config.arch, synthetic_config="multi",
+    """Train on the ``multi`` synthetic configuration (:func:`jaxcam.train.train_on_synthetic`)."""
+    from jaxcam import train
+
+    return train.train_on_synthetic(
+        model, variables, out, synthetic_config="multi",
         num_train=config.num_train, image_size=config.image_size, epochs=config.epochs,
         batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed,
         cache_dir=config.cache_dir, progress=config.progress).variables
@@ -403,25 +405,12 @@ def examples_figure(images_u8, ids, maps: dict[str, np.ndarray], labels, class_n
 
 
 def metrics_figure(summary: dict[str, dict], energy_share: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from jaxcam import viz
 
-    keys = ["pointing_game", "energy_pointing_game", "lesions_with_peak", "lesions_with_energy"]
-    names = ["pointing game", "energy PG", "lesions with a peak",
-             f"lesions with >= {energy_share:.0%} energy"]
-    fig = Figure(figsize=(2.0 + 1.3 * len(summary), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / len(keys)
-    pos = np.arange(len(summary))
-    for i, (key, name) in enumerate(zip(keys, names, strict=True)):
-        ax.bar(pos + i * width, [row[key] for row in summary.values()], width, label=name)
-    ax.set_xticks(pos + 0.4 - width / 2, list(summary), rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    return fig
+    series = {"pointing_game": "pointing game", "energy_pointing_game": "energy PG",
+              "lesions_with_peak": "lesions with a peak",
+              "lesions_with_energy": f"lesions with >= {energy_share:.0%} energy"}
+    return viz.grouped_bar_figure(summary, series, ylabel="%", ylim=(0, 100))
 
 
 # --------------------------------------------------------------------------------------
