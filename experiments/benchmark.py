@@ -317,16 +317,10 @@ def _explain_call(model, variables, x, labels: Sequence[str], **extra: Any) -> C
     return lambda: jaxcam.explain(model, variables, x, method=methods, **extra)
 
 
-def _applies(model, variables, label: str) -> str | None:
-    """None when the method applies to the model; otherwise the reason it does not."""
-    head = model.linear_head(variables, model.default_layer)
-    if METHOD_SPECS[label][0] == "cam" and head is None:
-        return f"CAM needs a GAP + dense head; {model.arch} at {model.default_layer} has none"
-    return None
-
-
 def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
     import jax
+
+    import jaxcam
 
     _progress("[methods] jaxcam.explain, maps upsampled to the input and normalised")
     labels = [m for m in config.methods if m in METHOD_SPECS]
@@ -344,9 +338,10 @@ def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStor
 
                 def run(arch=arch, batch=batch, group=group):
                     model, variables, _ = bench.model(arch, config.num_classes)
-                    reason = _applies(model, variables, group[0])
+                    _, reason = jaxcam.methods.placement(METHOD_SPECS[group[0]][0], model,
+                                                         variables, model.default_layer)
                     if reason:
-                        return {"skipped": reason}
+                        return {"skipped": f"CAM needs a GAP + dense head; {reason}"}
                     x = jax.device_put(bench.images(batch))
                     call = _explain_call(model, variables, x, group)
                     last = {}
@@ -1281,64 +1276,49 @@ def _csv(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
     return lambda s: tuple(cast(v.strip()) for v in s.split(",") if v.strip())
 
 
+FLAGS = {"metric_names": "--metrics"}  # field -> flag where they differ
+HELP = {
+    "only": f"comma-separated sections out of {','.join(SECTIONS)}",
+    "methods": f"out of {','.join(METHOD_SPECS)}",
+    "max_seconds": "stop repeating a cell once its steady-state time exceeds this",
+    "metric_names": "metric names for the metrics section (default: all)",
+    "first_call_methods": "jaxcam explain --method values (gradcam, gradcam++)",
+    "first_call_repeats": "fresh processes per first-call cell (the median is reported)",
+    "vit_arch": f"out of {','.join(VIT_ARCHS)}",
+    "vit_coordinates": "coordinates (whole token rows) of the vit section's per-coordinate "
+                       "cells",
+    "threads": "torch.set_num_threads for the PyTorch comparison",
+    "out": "results JSON (markdown written next to it)",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
+    """One flag per :class:`BenchmarkConfig` field (tuples comma-separated), plus
+    ``--no-resume``, ``--smoke`` and ``--compilation-cache``."""
     d = BenchmarkConfig()
     p = argparse.ArgumentParser(
         prog="python -m experiments.benchmark",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--only", type=_csv(str), default=d.only,
-                   help=f"comma-separated sections out of {','.join(SECTIONS)}")
-    p.add_argument("--archs", type=_csv(str), default=d.archs)
-    p.add_argument("--batch-sizes", type=_csv(int), default=d.batch_sizes)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--methods", type=_csv(str), default=d.methods,
-                   help=f"out of {','.join(METHOD_SPECS)}")
-    p.add_argument("--num-classes", type=int, default=d.num_classes)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
-                   help="stop repeating a cell once its steady-state time exceeds this")
-    p.add_argument("--engine-batch", type=int, default=d.engine_batch)
-    p.add_argument("--taylor-chunk-size", type=int, default=d.taylor_chunk_size)
-    p.add_argument("--metrics-batch", type=int, default=d.metrics_batch)
-    p.add_argument("--metrics", type=_csv(str), default=d.metric_names,
-                   help="metric names for the metrics section (default: all)")
-    p.add_argument("--scaling-devices", type=_csv(int), default=d.scaling_devices)
-    p.add_argument("--first-call-archs", type=_csv(str), default=d.first_call_archs)
-    p.add_argument("--first-call-methods", type=_csv(str), default=d.first_call_methods,
-                   help="jaxcam explain --method values (gradcam, gradcam++)")
-    p.add_argument("--first-call-image-size", type=int, default=d.first_call_image_size)
-    p.add_argument("--first-call-num-classes", type=int, default=d.first_call_num_classes)
-    p.add_argument("--first-call-repeats", type=int, default=d.first_call_repeats,
-                   help="fresh processes per first-call cell (the median is reported)")
-    p.add_argument("--vit-arch", default=d.vit_arch, help=f"out of {','.join(VIT_ARCHS)}")
-    p.add_argument("--vit-coordinates", type=int, default=d.vit_coordinates,
-                   help="coordinates (whole token rows) of the vit section's per-coordinate "
-                        "cells")
+    for field in dataclasses.fields(BenchmarkConfig):
+        if field.name == "resume":
+            continue
+        cast = int if "int" in field.type else float if "float" in field.type else str
+        p.add_argument(FLAGS.get(field.name, "--" + field.name.replace("_", "-")),
+                       dest=field.name, default=getattr(d, field.name),
+                       type=_csv(cast) if field.type.startswith("tuple") else cast,
+                       help=HELP.get(field.name))
     compilation.add_compilation_cache_option(p)
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch.set_num_threads for the PyTorch comparison")
-    p.add_argument("--out", default=d.out, help="results JSON (markdown written next to it)")
     p.add_argument("--no-resume", action="store_true", help="measure every cell again")
     p.add_argument("--smoke", action="store_true",
                    help="tiny configuration (ResNet-50 at 32 px, batch 2, two methods)")
-    a = p.parse_args(argv)
-    if a.smoke:
-        return dataclasses.replace(BenchmarkConfig.smoke(a.out), resume=not a.no_resume)
-    config = BenchmarkConfig(
-        only=a.only, archs=a.archs, batch_sizes=a.batch_sizes, image_size=a.image_size,
-        methods=a.methods, num_classes=a.num_classes, repeats=a.repeats,
-        max_seconds=a.max_seconds, engine_batch=a.engine_batch,
-        taylor_chunk_size=a.taylor_chunk_size, metrics_batch=a.metrics_batch,
-        metric_names=a.metrics,
-        scaling_devices=a.scaling_devices, threads=a.threads, out=a.out,
-        resume=not a.no_resume, first_call_archs=a.first_call_archs,
-        first_call_methods=a.first_call_methods, first_call_image_size=a.first_call_image_size,
-        first_call_num_classes=a.first_call_num_classes,
-        first_call_repeats=a.first_call_repeats, vit_arch=a.vit_arch,
-        vit_coordinates=a.vit_coordinates,
-    )
+    a = vars(p.parse_args(argv))
+    smoke, resume = a.pop("smoke"), not a.pop("no_resume")
+    a.pop("compilation_cache", None)
+    if smoke:
+        return dataclasses.replace(BenchmarkConfig.smoke(a["out"]), resume=resume)
+    config = BenchmarkConfig(**a, resume=resume)
     validate(config)
     return config
 

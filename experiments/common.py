@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,32 @@ _HELP = {
 }
 
 
+def explicit_options(cls: type, argv: Sequence[str] | None, help_text: dict[str, str],
+                     description: str, prog: str | None = None) -> dict[str, Any]:
+    """The options given on the command line, ``{field: value}``: one ``--field-name``
+    per field of the dataclass ``cls`` (bools ``--x/--no-x``, ``progress`` as
+    ``--no-progress``; int / float / str by the field's type) and
+    ``--compilation-cache`` (read by ``compilation.enable_from_argv``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if field.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false",
+                                default=None, help="hide progress bars")
+        elif kind == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text.get(field.name))
+        else:
+            conv = int if "int" in kind else float if "float" in kind else str
+            parser.add_argument(flag, dest=field.name, type=conv, default=None,
+                                help=help_text.get(field.name, f"default {field.default!r}"))
+    compilation.add_compilation_cache_option(parser)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    args.pop("compilation_cache", None)
+    return args
+
+
 def parse_config(
     cls: type[ExperimentConfig],
     argv: Sequence[str] | None,
@@ -116,28 +142,7 @@ def parse_config(
     """Command line -> config. Defaults come from ``cls`` for the synthetic set and from
     ``real_defaults`` (the reference setup) when ``--data-dir`` is given; explicit
     options override both."""
-    parser = argparse.ArgumentParser(description=description)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false",
-                                default=None, help="hide progress bars")
-            continue
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
-        if kind == "bool":
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=_HELP.get(field.name))
-            continue
-        conv: Callable[[str], Any] = str
-        if "int" in kind:
-            conv = int
-        elif "float" in kind:
-            conv = float
-        parser.add_argument(flag, dest=field.name, type=conv, default=None,
-                            help=_HELP.get(field.name, f"default {field.default!r}"))
-    compilation.add_compilation_cache_option(parser)  # read by main (enable_from_argv)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    args.pop("compilation_cache", None)
+    args = explicit_options(cls, argv, _HELP, description)
     base = cls()
     if args.get("data_dir") is not None:
         base = dataclasses.replace(base, **real_defaults)
@@ -276,46 +281,27 @@ MIN_MAP_SIZE = 4
 
 
 def explained_layer(model, variables, image_size: int, layer: str | None) -> str:
-    """The layer the experiment explains: ``layer`` if given, else the model's default
-    layer, unless its map would be coarser than ``MIN_MAP_SIZE`` x ``MIN_MAP_SIZE`` at
-    ``image_size`` (ResNet-50's layer4 is 2x2 at 64 px: one pixel per quadrant cannot
-    point at a lesion); then the deepest cut point whose map is at least that fine."""
-    import jax
+    """``layer`` if given, else :func:`jaxcam.models.layer_for_image_size` (the default
+    layer unless its map is coarser than ``MIN_MAP_SIZE`` x ``MIN_MAP_SIZE``)."""
+    from jaxcam import models
 
     if layer is not None:
         return model.resolve_layer(layer)
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
-
-    def side(name: str) -> int:
-        return min(jax.eval_shape(lambda v, x: model.features(v, x, name), variables, x).shape[1:3])
-
-    if side(model.default_layer) >= MIN_MAP_SIZE:
-        return model.default_layer
-    before = model.layers[: model.layers.index(model.default_layer)]
-    return next((name for name in reversed(before) if side(name) >= MIN_MAP_SIZE),
-                model.default_layer)
+    return models.layer_for_image_size(model, variables, image_size, min_map_size=MIN_MAP_SIZE)
 
 
 def available_methods(labels: Sequence[str], model, variables, layer: str,
                       method_labels: dict[str, tuple[str, str]] = METHOD_LABELS,
                       ) -> tuple[dict[str, str], dict[str, str]]:
     """``{method label: layer it runs at}`` and ``{skipped label: why}`` for ``labels``
-    (keys of ``method_labels``). Every method runs at ``layer`` except CAM, which exists
-    only at a global-average-pool + dense head: at ``layer`` if that is one, else at the
-    model's default layer if that is one."""
-    skipped: dict[str, str] = {}
-    methods: dict[str, str] = {}
-    for label in labels:
-        name, _ = method_labels[label]
-        if name == "cam" and model.linear_head(variables, layer) is None:
-            if model.linear_head(variables, model.default_layer) is not None:
-                methods[label] = model.default_layer
-            else:
-                skipped[label] = (f"{model.arch} has no global-average-pool + dense head at "
-                                  f"{layer} or {model.default_layer}")
-            continue
-        methods[label] = layer
-    return methods, skipped
+    (keys of ``method_labels``), by :func:`jaxcam.methods.placement` (CAM moves to a
+    global-average-pool + dense layer)."""
+    from jaxcam import methods
+
+    placed = {label: methods.placement(method_labels[label][0], model, variables, layer)
+              for label in labels}
+    return ({label: at for label, (at, _) in placed.items() if at is not None},
+            {label: why for label, (_, why) in placed.items() if why is not None})
 
 
 def explain_test_set(config, spec, model, variables, source, predict_fn,
@@ -325,35 +311,28 @@ def explain_test_set(config, spec, model, variables, source, predict_fn,
     import jax
     from tqdm.auto import tqdm
 
-    import jaxcam
     import jaxcam.data as jdata
+    from jaxcam import distributed
+    from jaxcam.dataset_explain import explain_groups
     from jaxcam.preprocessing import denormalize
 
-    methods, skipped = available_methods(spec.methods, model, variables, layer)
-    # one explain call per (derivatives, layer): methods in a call share the forward pass
-    groups: dict[tuple[str, str], list[str]] = {}
-    for label, at in methods.items():
-        groups.setdefault((METHOD_LABELS[label][1], at), []).append(label)
+    layers, skipped = available_methods(spec.methods, model, variables, layer)
+    triples = {label: (*METHOD_LABELS[label], at) for label, at in layers.items()}
     limit = config.max_explain if config.max_explain is not None else len(source)
-    bs = config.batch_size
-    maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    keep: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "mask", "probs")}
+    keep: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "mask", "probs",
+                                                          *layers)}
+    bar = tqdm(total=min(limit, len(source)), desc="explain", disable=not config.progress,
+               leave=False)
     seen = 0
-    total = min(limit, len(source))
-    bar = tqdm(total=total, desc="explain", disable=not config.progress, leave=False)
-    for batch in jdata.batches(source, bs, config.image_size, train=False, seed=config.seed,
-                               drop_remainder=False):
+    for batch in jdata.batches(source, config.batch_size, config.image_size, train=False,
+                               seed=config.seed, drop_remainder=False):
         if seen >= limit:
             break
         n = min(len(batch["label"]), limit - seen)
         x = np.asarray(batch["image"])[:n]
-        xp = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x
-        for (derivatives, at), labels in groups.items():
-            names = [METHOD_LABELS[m][0] for m in labels]
-            exs = jaxcam.explain(model, variables, xp, method=names, layer=at,
-                                 derivatives=derivatives)
-            for m, name in zip(labels, names, strict=True):
-                maps[m].append(np.asarray(exs[name].maps)[:n])
+        xp, _ = distributed.pad_batch(x, config.batch_size)  # one compiled shape
+        for label, e in explain_groups(model, variables, xp, triples).items():
+            keep[label].append(np.asarray(e.maps)[:n])
         keep["image"].append(x)
         keep["label"].append(np.asarray(batch["label"])[:n])
         keep["probs"].append(np.asarray(jax.nn.softmax(predict_fn(variables, xp), -1))[:n])
@@ -362,18 +341,11 @@ def explain_test_set(config, spec, model, variables, source, predict_fn,
         seen += n
         bar.update(n)
     bar.close()
-    inputs = np.concatenate(keep["image"])
-    probs = np.concatenate(keep["probs"])
+    cat = {k: np.concatenate(v) for k, v in keep.items() if v}
     return Explained(
-        images01=np.asarray(denormalize(inputs)),
-        inputs=inputs,
-        labels=np.concatenate(keep["label"]),
-        pred=probs.argmax(-1),
-        probs=probs,
-        masks=np.concatenate(keep["mask"]) if keep["mask"] else None,
-        maps={m: np.concatenate(v) for m, v in maps.items()},
-        skipped=skipped,
-        layers=methods,
+        images01=np.asarray(denormalize(cat["image"])), inputs=cat["image"],
+        labels=cat["label"], pred=cat["probs"].argmax(-1), probs=cat["probs"],
+        masks=cat.get("mask"), maps={m: cat[m] for m in layers}, skipped=skipped, layers=layers,
     )
 
 
@@ -381,38 +353,28 @@ def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, An
     """Localization (vs masks), faithfulness (average drop) and agreement between methods.
 
     Per method: pointing-game hit rate and energy pointing game against the
-    lesion masks (when the dataset has them), Average Drop (fraction, lower is
-    better) and Increase in Confidence (Chattopadhyay et al. 2018). Per pair of
-    methods: mean Spearman rank correlation and top-20% IoU; images where every
-    pair's IoU >= 0.5 count as "all methods agree".
+    lesion masks (when the dataset has them), Average Drop (:func:`jaxcam.metrics.drop`
+    averaged, as a fraction; lower is better) and Increase in Confidence (Chattopadhyay
+    et al. 2018). Per pair of methods: mean Spearman rank correlation and top-20% IoU;
+    images where every pair's IoU >= 0.5 count as "all methods agree".
     """
     import jax
-    import jax.numpy as jnp
 
     from jaxcam import metrics
+    from jaxcam.distributed import map_padded
 
     out: dict[str, Any] = {"per_method": {}, "agreement": {}}
-    bs = config.batch_size
     n = len(ex.labels)
 
-    def chunked(fn, *arrays):
-        vals = []
-        for s in range(0, n, bs):
-            parts = [a[s:s + bs] for a in arrays]
-            k = len(parts[0])
-            if k < bs:  # pad to one compiled shape
-                parts = [np.concatenate([p, np.repeat(p[-1:], bs - k, 0)]) for p in parts]
-            vals.append(np.asarray(fn(*parts))[:k])
-        return np.concatenate(vals)
-
-    pointing = jax.jit(lambda m, g: metrics.pointing_game(m, g))
-    energy = jax.jit(lambda m, g: metrics.energy_pointing_game(m, g))
+    def mean_of(fn, *arrays) -> float:
+        return float(np.mean(map_padded(fn, arrays, config.batch_size)))
 
     @jax.jit
     def confidence(v, x, m, c):  # variables are an argument, not constants folded into HLO
-        score_fn = lambda z: jax.nn.softmax(model.apply(v, z), -1)
-        return jnp.stack(metrics.confidence_scores(score_fn, x, m, c), -1)
+        return metrics.confidence_scores(lambda z: jax.nn.softmax(model.apply(v, z), -1),
+                                         x, m, c)
 
+    pointing, energy = jax.jit(metrics.pointing_game), jax.jit(metrics.energy_pointing_game)
     spearman = jax.jit(metrics.spearman)
     top20_iou = jax.jit(lambda a, b: metrics.top_k_iou(a, b, 20.0))
 
@@ -421,28 +383,25 @@ def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, An
     for label, maps in ex.maps.items():
         row: dict[str, float] = {}
         if ex.masks is not None:
-            row["pointing_game"] = float(np.mean(chunked(pointing, maps, ex.masks)))
-            row["energy_pointing_game"] = float(np.mean(chunked(energy, maps, ex.masks)))
-        scores = chunked(partial(confidence, variables), ex.inputs, maps, ex.pred)  # (N, 2): Y, O
-        y, o = scores[:, 0], scores[:, 1]
-        row["average_drop"] = float(np.mean(np.maximum(0.0, y - o) / y))
-        row["increase_in_confidence"] = float(np.mean(y < o))
+            row["pointing_game"] = mean_of(pointing, maps, ex.masks)
+            row["energy_pointing_game"] = mean_of(energy, maps, ex.masks)
+        scores = metrics.ConfidenceScores(*map_padded(
+            partial(confidence, variables), (ex.inputs, maps, ex.pred), config.batch_size))
+        row["average_drop"] = float(np.mean(metrics.drop(scores)))
+        row["increase_in_confidence"] = float(np.mean(scores.original < scores.explained))
         out["per_method"][label] = row
 
     labels = list(ex.maps)
-    pairs = {}
-    pair_iou = []
+    pairs, pair_iou = {}, []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
-            rho = chunked(spearman, ex.maps[a], ex.maps[b])
-            iou = chunked(top20_iou, ex.maps[a], ex.maps[b])
-            pairs[f"{a} vs {b}"] = {"spearman": float(np.mean(rho)),
+            iou = map_padded(top20_iou, (ex.maps[a], ex.maps[b]), config.batch_size)
+            pairs[f"{a} vs {b}"] = {"spearman": mean_of(spearman, ex.maps[a], ex.maps[b]),
                                     "top20_iou": float(np.mean(iou))}
             pair_iou.append(iou)
     out["agreement"]["pairs"] = pairs
     if pair_iou:
-        min_iou = np.min(np.stack(pair_iou), axis=0)
-        agree = min_iou >= 0.5
+        agree = np.min(np.stack(pair_iou), axis=0) >= 0.5
         correct = ex.pred == ex.labels
         out["agreement"].update({
             "rule": "all pairwise top-20% IoU >= 0.5",

@@ -46,6 +46,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "enable_compilation_cache": ("jaxcam.compilation", "enable_compilation_cache"),
     "explain_dataset": ("jaxcam.dataset_explain", "explain_dataset"),
     "explain_batches": ("jaxcam.dataset_explain", "explain_batches"),
+    "explain_groups": ("jaxcam.dataset_explain", "explain_groups"),
     "load_explanations": ("jaxcam.dataset_explain", "load_explanations"),
 }
 
