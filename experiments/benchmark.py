@@ -73,6 +73,7 @@ import numpy as np
 
 from experiments.benchmark_vit import section_vit
 from jaxcam import compilation, timing
+from jaxcam.report import number as _fmt
 from jaxcam.timing import measure, measure_interleaved, with_throughput
 
 SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling", "first-call", "vit")
@@ -250,18 +251,6 @@ class Workbench:
         rng = np.random.default_rng(self.config.seed)
         s = self.config.image_size
         return rng.standard_normal((batch, s, s, 3), dtype=np.float32)
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, float):
-        if x == 0:
-            return "0"
-        if abs(x) >= 100:
-            return f"{x:.0f}"
-        return f"{x:.{digits}g}"
-    return str(x)
 
 
 def _progress(msg: str) -> None:
@@ -777,6 +766,7 @@ JAXCAM_CLI_WORKER = r"""
 import json, sys, time
 from jaxcam import cli
 from jaxcam import timing
+from jaxcam.report import number as _fmt
 from jaxcam.timing import measure, measure_interleaved, with_throughput
 
 args = json.loads(sys.argv[1])
@@ -796,6 +786,7 @@ import json, sys
 import jax, numpy as np
 import jaxcam
 from jaxcam import timing
+from jaxcam.report import number as _fmt
 from jaxcam.timing import measure, measure_interleaved, with_throughput
 
 args = json.loads(sys.argv[1])

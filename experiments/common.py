@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxcam import compilation
+from jaxcam import compilation, report
+from jaxcam.report import percent as _pct
 
 ARCHS: tuple[str, ...] = ("resnet50", "vgg19", "efficientnet_b0")
 SYNTHETIC = "synthetic_lesions"
@@ -453,14 +454,11 @@ def write_gif(path: Path, ex: Explained, label: str, class_names, malignant, cou
 # --------------------------------------------------------------------------------------
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
 def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data: Data,
                  results: dict[str, Any]) -> None:
     """``report.md`` and ``metrics.json`` from the collected results."""
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2,
+                                                 default=report.json_default))
     train_r, test_r = results["train"], results["test"]
     names = data.class_names
     lines = [f"# {spec.title}: fine-tuning and CAM explanations", ""]
@@ -473,9 +471,8 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
         ]
     else:
         lines += [f"Dataset: {spec.title} from `{config.data_dir}`.", ""]
-    lines += ["## Setup", "", "| option | value |", "|---|---|"]
-    for k, v in dataclasses.asdict(config).items():
-        lines.append(f"| {k} | `{v}` |")
+    lines += ["## Setup", "", *report.table(["option", "value"], (
+        (k, f"`{v}`") for k, v in dataclasses.asdict(config).items()))]
     sizes = results["data"]["split_sizes"]
     lines += ["", f"Splits: train {sizes['train']}, validation {sizes['validation']}, "
               f"test {sizes['test']} images. Training took {results['timing']['train_s']:.0f} s "
@@ -483,39 +480,34 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
               f"{results['training']['best_epoch']}).", ""]
     lines += ["## Classification", ""]
     head = ["metric", "ours"] + ([] if config.synthetic else ["reference"])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [
         ("train accuracy", train_r["accuracy"], "train_accuracy"),
         ("test accuracy", test_r["accuracy"], "test_accuracy"),
         ("test balanced accuracy", test_r["balanced_accuracy"], "test_balanced_accuracy"),
         ("test macro F1", test_r["macro"]["f1"], "test_macro_f1"),
         ("test weighted F1", test_r["weighted"]["f1"], "test_weighted_f1"),
+        ("test quadratic weighted kappa", test_r["kappa"], "test_kappa"),
     ]
-    for label, ours, key in rows:
-        cells = [label, _pct(ours) if "F1" not in label else f"{ours:.3f}"]
-        if not config.synthetic:
-            ref = spec.reference.get(key)
-            cells.append("" if ref is None else (f"{ref:.3f}" if "F1" in label else _pct(ref)))
-        lines.append("| " + " | ".join(cells) + " |")
-    kappa_cells = ["test quadratic weighted kappa", f"{test_r['kappa']:.3f}"]
-    if not config.synthetic:
-        ref = spec.reference.get("test_kappa")
-        kappa_cells.append("" if ref is None else f"{ref:.3f}")
-    lines.append("| " + " | ".join(kappa_cells) + " |")
+
+    def cell(label: str, v: float | None) -> str:
+        plain = "F1" in label or "kappa" in label
+        return "" if v is None else (f"{v:.3f}" if plain else _pct(v))
+
+    lines += report.table(head, ([label, cell(label, ours)] + (
+        [] if config.synthetic else [cell(label, spec.reference.get(key))])
+        for label, ours, key in rows))
     if not config.synthetic:
         lines += ["", f"Reference: {spec.reference_source}."]
     lines += ["", f"Chance level (uniform guess): {_pct(1 / len(names))}; majority class: "
               f"{_pct(max(test_r['per_class']['support']) / max(test_r['total'], 1))}.", ""]
-    lines += ["### Per class (test)", "", "| class | precision | recall | F1 | support |",
-              "|---|---|---|---|---|"]
     pc = test_r["per_class"]
-    for c, name in enumerate(names):
-        lines.append(f"| {name} | {pc['precision'][c]:.3f} | {pc['recall'][c]:.3f} | "
-                     f"{pc['f1'][c]:.3f} | {pc['support'][c]} |")
-    for avg in ("macro", "weighted"):
-        r = test_r[avg]
-        lines.append(f"| *{avg} avg* | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['f1']:.3f} | {test_r['total']} |")
+    scores = [(name, pc["precision"][c], pc["recall"][c], pc["f1"][c], pc["support"][c])
+              for c, name in enumerate(names)] + [
+        (f"*{avg} avg*", test_r[avg]["precision"], test_r[avg]["recall"], test_r[avg]["f1"],
+         test_r["total"]) for avg in ("macro", "weighted")]
+    lines += ["### Per class (test)", "", *report.table(
+        ["class", "precision", "recall", "F1", "support"],
+        ([n, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", k] for n, p, r, f, k in scores))]
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
               "![training curves](training_curves.png)", ""]
     exm = results.get("explanations")
@@ -540,14 +532,11 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
             has_masks = "random_baseline_pointing" in exm["metrics"]
             head = ["method"] + (["pointing game", "energy pointing game"] if has_masks else [])
             head += ["average drop", "increase in confidence"]
-            lines += ["", "### Localization and faithfulness", "",
-                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for label, row in per.items():
-                cells = [label]
-                if has_masks:
-                    cells += [_pct(row["pointing_game"]), f"{row['energy_pointing_game']:.3f}"]
-                cells += [_pct(row["average_drop"]), _pct(row["increase_in_confidence"])]
-                lines.append("| " + " | ".join(cells) + " |")
+            lines += ["", "### Localization and faithfulness", "", *report.table(head, (
+                [label] + ([_pct(row["pointing_game"]), f"{row['energy_pointing_game']:.3f}"]
+                           if has_masks else [])
+                + [_pct(row["average_drop"]), _pct(row["increase_in_confidence"])]
+                for label, row in per.items()))]
             if has_masks:
                 lines += ["", "Pointing game: the map's maximum falls inside the lesion mask. "
                           "Random baseline (a uniformly random point): "
@@ -559,10 +548,10 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
                       "confidence: share of images where it rises (Chattopadhyay et al. 2018)."]
         agr = exm["metrics"]["agreement"]
         if agr.get("pairs"):
-            lines += ["", "### Method agreement", "", "| pair | Spearman | top-20% IoU |",
-                      "|---|---|---|"]
-            for pair, v in agr["pairs"].items():
-                lines.append(f"| {pair} | {v['spearman']:.3f} | {v['top20_iou']:.3f} |")
+            lines += ["", "### Method agreement", "", *report.table(
+                ["pair", "Spearman", "top-20% IoU"],
+                ([pair, f"{v['spearman']:.3f}", f"{v['top20_iou']:.3f}"]
+                 for pair, v in agr["pairs"].items()))]
             if "agree_count" in agr:
                 lines += ["", f"Images where all methods agree ({agr['rule']}): "
                           f"{agr['agree_count']}, accuracy {_pct(agr['accuracy_agree'])}; "
@@ -584,16 +573,6 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
               "Wall-clock seconds per phase; `cpu_s` is the process CPU time over all "
               "threads (on an otherwise idle machine, wall time is about cpu_s / cores).", ""]
     (out / "report.md").write_text("\n".join(lines))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 # --------------------------------------------------------------------------------------

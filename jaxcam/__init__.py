@@ -33,6 +33,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "loading": ("jaxcam.loading", None),
     "compilation": ("jaxcam.compilation", None),
     "timing": ("jaxcam.timing", None),
+    "report": ("jaxcam.report", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
