@@ -225,18 +225,8 @@ class Workbench:
 
             torch_model = None
             if self.use_torch:
-                import torch
-                import torchvision
-
-                torch.manual_seed(self.config.seed)
-                torch_model = getattr(torchvision.models, arch)(
-                    weights=None, num_classes=num_classes
-                ).eval()
-                for p in torch_model.parameters():
-                    p.requires_grad_(True)
-                model, variables = jaxcam.weights.load_torchvision(
-                    torch_model.state_dict(), arch
-                )
+                torch_model, model, variables = jaxcam.weights.random_torchvision(
+                    arch, num_classes, self.config.seed)
             else:
                 model = jaxcam.models.get(arch, num_classes)
                 variables = model.init(
@@ -834,14 +824,12 @@ def _run_cli(argv: list[str], env: dict[str, str], cwd: str) -> float:
 def _first_call_files(config: BenchmarkConfig, arch: str, work: Path) -> dict[str, Any]:
     """Random torchvision weights (.pth for torch, .safetensors for jaxcam) and two JPEGs."""
     import torch
-    import torchvision
     from safetensors.torch import save_file
 
     import jaxcam
 
-    torch.manual_seed(config.seed)
-    net = getattr(torchvision.models, arch)(weights=None,
-                                            num_classes=config.first_call_num_classes)
+    net, _, _ = jaxcam.weights.random_torchvision(arch, config.first_call_num_classes,
+                                                  config.seed)
     state = net.state_dict()
     pth, st = work / f"{arch}.pth", work / f"{arch}.safetensors"
     torch.save(state, pth)

@@ -208,7 +208,7 @@ def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data
     """Build (once, cached) and open the dataset's train / validation / test splits."""
     import jaxcam.data as jdata
 
-    cache = Path(config.cache_dir) if config.cache_dir else out / "tfds"
+    cache = str(Path(config.cache_dir) if config.cache_dir else out / "tfds")
     if config.synthetic:
         name = SYNTHETIC
         n_val = n_test = max(1, round(0.15 * config.num_images))
@@ -218,16 +218,12 @@ def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data
         print(f"*** No --data-dir: using the SYNTHETIC lesion set ({config.num_images} images, "
               f"{config.image_size} px), not {spec.title}. Numbers below are about the "
               "synthetic set. ***", flush=True)
-        jdata.build(name, data_dir=str(cache), progress=config.progress, **builder_config)
+        splits = jdata.build_splits(name, cache, progress=config.progress, **builder_config)
     else:
         name, builder_config = spec.dataset, {}
         print(f"Using {spec.title} from {config.data_dir}", flush=True)
-        jdata.build(name, manual_dir=config.data_dir, data_dir=str(cache),
-                    progress=config.progress)
-    splits = {
-        s: jdata.load(name, s, data_dir=str(cache), **builder_config)
-        for s in ("train", "validation", "test")
-    }
+        splits = jdata.build_splits(name, cache, manual_dir=config.data_dir,
+                                    progress=config.progress)
     meta = jdata.info(name)
     return Data(name, splits, tuple(meta.display_names), tuple(meta.malignant), builder_config)
 

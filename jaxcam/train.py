@@ -781,12 +781,11 @@ def train_on_synthetic(model, variables: Mapping, workdir: str | Path, *,
                       "num_validation": max(1, num_train // 10), "num_test": 1,
                       "image_size": image_size, "seed": seed}
     cache = str(Path(cache_dir) if cache_dir else Path(workdir) / "tfds")
-    jdata.build(name, data_dir=cache, progress=progress, **builder_config)
-    train_src, val_src = (jdata.load(name, s, data_dir=cache, **builder_config)
-                          for s in ("train", "validation"))
+    splits = jdata.build_splits(name, cache, ("train", "validation"), progress=progress,
+                                **builder_config)
     config = TrainConfig(epochs=epochs, batch_size=min(batch_size, num_train),
                          learning_rate=learning_rate, seed=seed, checkpoint_every=100)
-    result, _ = fit_sources(model, variables, train_src, val_src, config,
+    result, _ = fit_sources(model, variables, splits["train"], splits["validation"], config,
                             Path(workdir) / "checkpoints", image_size=image_size,
                             class_names=jdata.info(name).display_names,
                             progress=progress)
