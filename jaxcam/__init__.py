@@ -34,6 +34,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "compilation": ("jaxcam.compilation", None),
     "timing": ("jaxcam.timing", None),
     "report": ("jaxcam.report", None),
+    "testing": ("jaxcam.testing", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
