@@ -1096,26 +1096,22 @@ def render_markdown(store: ResultStore) -> str:
 
     met = [r for r in recs if r["section"] == "metrics"]
     if met:
-        out += ["### Metrics (`jaxcam.metrics`, defaults)", "",
-                "| metric | arch | image | batch | images/s | s/batch | compile s |",
-                "|---|---|---|---|---|---|---|"]
-        for r in met:
-            out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
-                       f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('step_s'))} | "
-                       f"{_fmt(r.get('compile_s'))} |")
-        out.append("")
+        out += ["### Metrics (`jaxcam.metrics`, defaults)", "", *report.table(
+            ["metric", "arch", "image", "batch", "images/s", "s/batch", "compile s"],
+            ([r["method"], r["arch"], r["image_size"], r["batch"], _fmt(r.get("images_per_s")),
+              _fmt(r.get("step_s")), _fmt(r.get("compile_s"))] for r in met)), ""]
 
     sc = [r for r in recs if r["section"] == "scaling"]
     if sc:
-        out += ["### Data-parallel sharding over forced host devices", "",
-                "| call | arch | image | batch | devices | images/s | vs 1 device |",
-                "|---|---|---|---|---|---|---|"]
-        for r in sorted(sc, key=lambda r: (r["method"], r["devices"])):
+        def vs_one(r):
             one = find(**dict(r, devices=1))
-            rel = r["images_per_s"] / one["images_per_s"] if _ok(r) and _ok(one) else None
-            out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
-                       f"{r['devices']} | {_fmt(r.get('images_per_s'))} | {_fmt(rel)} |")
-        out.append("")
+            return r["images_per_s"] / one["images_per_s"] if _ok(r) and _ok(one) else None
+
+        out += ["### Data-parallel sharding over forced host devices", "", *report.table(
+            ["call", "arch", "image", "batch", "devices", "images/s", "vs 1 device"],
+            ([r["method"], r["arch"], r["image_size"], r["batch"], r["devices"],
+              _fmt(r.get("images_per_s")), _fmt(vs_one(r))]
+             for r in sorted(sc, key=lambda r: (r["method"], r["devices"])))), ""]
 
     vit = [r for r in recs if r["section"] == "vit"]
     if vit:
