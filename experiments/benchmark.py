@@ -250,16 +250,20 @@ def _progress(msg: str) -> None:
 # --------------------------------------------------------------------------- sections
 
 
+def cell_key(config: BenchmarkConfig, section: str, arch: str, batch: int, method: str,
+             impl: str = "jaxcam") -> dict[str, Any]:
+    """The key of a one-device cell at ``config``'s image size and class count."""
+    return dict(section=section, impl=impl, arch=arch, image_size=config.image_size,
+                batch=batch, method=method, num_classes=config.num_classes, devices=1)
+
+
 def section_forward(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
     import jax
 
     _progress("[forward] eval-mode model.apply under jax.jit")
     for arch in config.archs:
         for batch in config.batch_sizes:
-            key = dict(
-                section="forward", impl="jaxcam", arch=arch, image_size=config.image_size,
-                batch=batch, method="apply", num_classes=config.num_classes, devices=1,
-            )
+            key = cell_key(config, "forward", arch, batch, "apply")
 
             def run(arch=arch, batch=batch):
                 model, variables, _ = bench.model(arch, config.num_classes)
@@ -310,10 +314,7 @@ def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStor
             if len(shared) > 1:
                 cells.append((SHARED_LABEL, tuple(shared)))
             for name, group in cells:
-                key = dict(
-                    section="methods", impl="jaxcam", arch=arch, image_size=config.image_size,
-                    batch=batch, method=name, num_classes=config.num_classes, devices=1,
-                )
+                key = cell_key(config, "methods", arch, batch, name)
 
                 def run(arch=arch, batch=batch, group=group):
                     model, variables, _ = bench.model(arch, config.num_classes)
@@ -374,10 +375,7 @@ def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore)
     )
     for arch in config.archs:
         for batch in config.batch_sizes:
-            key = dict(
-                section="torch", impl="torch", arch=arch, image_size=config.image_size,
-                batch=batch, method="apply", num_classes=config.num_classes, devices=1,
-            )
+            key = cell_key(config, "torch", arch, batch, "apply", impl="torch")
 
             def run_forward(arch=arch, batch=batch):
                 _, _, torch_model = bench.model(arch, config.num_classes)
@@ -638,8 +636,7 @@ def section_metrics(config: BenchmarkConfig, bench: Workbench, store: ResultStor
     for name, call in calls.items():
         if config.metric_names and name not in config.metric_names:
             continue
-        key = dict(section="metrics", impl="jaxcam", arch=arch, image_size=config.image_size,
-                   batch=batch, method=name, num_classes=config.num_classes, devices=1)
+        key = cell_key(config, "metrics", arch, batch, name)
         store.cell(key, lambda call=call: with_throughput(
             measure(call, repeats=config.repeats, max_seconds=config.max_seconds), batch))
 
