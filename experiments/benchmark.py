@@ -25,6 +25,10 @@ Sections (``--only``):
   over N forced host devices (``--xla_force_host_platform_device_count``),
   each in a fresh subprocess. On a CPU the forced devices share the same
   cores, so this shows the overhead of sharding, not a speed-up.
+- ``vit``: exact Grad-CAM++ through a ViT head (``--vit-arch``, one image):
+  :mod:`experiments.benchmark_vit`. ``--archs vit_b_16`` also runs the other sections
+  on ViT-B/16 (the torch section with a ``reshape_transform`` that drops the class
+  token, at torchvision's 224 px only).
 - ``first-call``: what a user explaining one image sees. The wall time of a
   whole ``jaxcam explain IMAGE.jpg --weights W.safetensors --arch A --method M``
   (one 400x300 JPEG; random torchvision weights written to a temporary
@@ -41,26 +45,7 @@ Sections (``--only``):
   method, the same call again, five gradient methods in one call, and a
   second image size, each program with its compile time.
 
-What is measured, per cell:
-
-- ``first_call_s``: the first call, tracing + compilation + one run.
-- ``compile_s``: the seconds JAX itself reports for tracing and XLA
-  compilation during the first call (``jax.monitoring`` events
-  ``/jax/core/compile/jaxpr_trace_duration`` and ``.../backend_compile_duration``).
-- ``step_s``: median wall time of the following calls (at most ``--repeats``,
-  fewer once ``--max-seconds`` of steady-state time is spent), waiting for the
-  result (``block_until_ready``); ``images_per_s = batch / step_s``. When the
-  first call alone, less its compile time, exceeds 3 x ``--max-seconds``
-  (Score-CAM at 224 px on a CPU), that one run is the measurement
-  (``step_from_first_call: true``).
-- ``recompiles``: compilations during those repeated calls (should be 0).
-- ``host_peak_mb``: peak resident set size of this process during the cell
-  (psutil RSS sampled every 5 ms by a background thread) minus the RSS when
-  the cell started, i.e. the extra host memory the cell needed. (``ru_maxrss``
-  is a lifetime maximum, so its deltas hide everything below an earlier peak;
-  it is recorded once, as ``ru_maxrss_mb``, for reference.)
-- ``device_peak_mb``: on GPU/TPU, ``peak_bytes_in_use`` from
-  ``device.memory_stats()`` (a lifetime peak, as JAX cannot reset it); absent on CPU.
+What is measured, per cell: see :mod:`jaxcam.timing` (:func:`jaxcam.timing.measure`).
 
 Results are appended to the JSON file ``--out`` after every cell; an
 interrupted run started again with the same ``--out`` skips the cells already
@@ -71,18 +56,14 @@ results in the file is printed and written next to it (``.md``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib.util
-import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,11 +71,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxcam import compilation
-from jaxcam.compilation import CompileCounter
+from experiments.benchmark_vit import section_vit
+from jaxcam import compilation, report, timing
+from jaxcam.report import number as _fmt
+from jaxcam.timing import measure, measure_interleaved, with_throughput
 
-SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling", "first-call")
+SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling", "first-call", "vit")
 ARCHS = ("resnet50", "vgg19", "efficientnet_b0")
+# not in the default --archs; vit_b_16 is also torchvision's (the torch section's comparison)
+VIT_ARCHS = ("vit_b_16", "vit_s_16", "vit_ti_16")
 
 # benchmark label -> (jaxcam method name, extra keyword arguments of jaxcam.explain)
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -129,6 +114,13 @@ KEY_FIELDS = ("section", "impl", "arch", "image_size", "batch", "method", "num_c
               "cell")
 
 
+class ResultStore(timing.ResultStore):
+    """The benchmark's results file: records keyed by :data:`KEY_FIELDS`."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool = True) -> None:
+        super().__init__(path, KEY_FIELDS, resume=resume)
+
+
 @dataclasses.dataclass
 class BenchmarkConfig:
     """What to measure. Defaults: the full benchmark of issue 10 (hours on a 2-core CPU)."""
@@ -154,6 +146,8 @@ class BenchmarkConfig:
     first_call_image_size: int = 224
     first_call_num_classes: int = 1000
     first_call_repeats: int = 2
+    vit_arch: str = "vit_b_16"
+    vit_coordinates: int = 1536  # two token rows of ViT-B/16 for the per-coordinate cells
     threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     out: str = "results/benchmark.json"
     resume: bool = True
@@ -182,195 +176,6 @@ class BenchmarkConfig:
             engine_num_classes=(10,),
             out=out,
         )
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-class PeakRSS:
-    """Peak resident set size of this process while active, sampled by a thread."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self._interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
-def _block(out: Any) -> Any:
-    """Wait for every array in ``out``: pytrees, and dataclasses / dicts that hold arrays."""
-    import jax
-
-    def arrays(obj: Any) -> list[Any]:
-        if isinstance(obj, jax.Array):
-            return [obj]
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            return [a for f in dataclasses.fields(obj) for a in arrays(getattr(obj, f.name))]
-        if isinstance(obj, dict):
-            return [a for v in obj.values() for a in arrays(v)]
-        if isinstance(obj, (list, tuple)):  # NamedTuples included
-            return [a for v in obj for a in arrays(v)]
-        return []
-
-    jax.block_until_ready(arrays(out))
-    return out
-
-
-def _device_peak_mb() -> float | None:
-    import jax
-
-    stats = jax.local_devices()[0].memory_stats()
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None
-    return stats["peak_bytes_in_use"] / 2**20
-
-
-def measure(
-    fn: Callable[[], Any],
-    *,
-    repeats: int,
-    max_seconds: float,
-    sync: Callable[[Any], Any] = _block,
-    track_compiles: bool = True,
-) -> dict[str, Any]:
-    """Time ``fn()``: the first call, then up to ``repeats`` more (see the module docstring)."""
-    first_counter = CompileCounter()
-    steady_counter = CompileCounter()
-    steady: list[float] = []
-    estimated = False
-    with PeakRSS() as rss:
-        with first_counter if track_compiles else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            sync(fn())
-            first = time.perf_counter() - t0
-        compile_s = first_counter.compile_seconds + first_counter.trace_seconds
-        if first - compile_s > 3 * max_seconds > 0:
-            # A very slow cell (Score-CAM at 224 px, taylor on a CPU): one run is
-            # the measurement; its time is the first call minus JAX's compile time.
-            steady.append(first - compile_s)
-            estimated = True
-        with steady_counter if track_compiles else contextlib.nullcontext():
-            for _ in range(0 if estimated else max(1, repeats)):
-                t0 = time.perf_counter()
-                sync(fn())
-                steady.append(time.perf_counter() - t0)
-                if sum(steady) >= max_seconds:
-                    break
-    result: dict[str, Any] = {
-        "first_call_s": first,
-        "step_s": statistics.median(steady),
-        "step_min_s": min(steady),
-        "repeats": len(steady),
-        "host_peak_mb": rss.delta_mb,
-    }
-    if estimated:
-        result["step_from_first_call"] = True
-    if track_compiles:
-        result["compile_s"] = compile_s
-        result["compiles"] = first_counter.compiles
-        result["cache_hits"] = first_counter.cache_hits  # loaded from the persistent cache
-        result["recompiles"] = steady_counter.compiles
-    device_peak = _device_peak_mb()
-    if device_peak is not None:
-        result["device_peak_mb"] = device_peak
-    return result
-
-
-# --------------------------------------------------------------------------- results file
-
-
-def _key(record: dict[str, Any]) -> str:
-    return json.dumps([record.get(k) for k in KEY_FIELDS])
-
-
-class ResultStore:
-    """Records in a JSON file, rewritten atomically after each new record (resumable)."""
-
-    def __init__(self, path: str | os.PathLike, resume: bool = True) -> None:
-        self.path = Path(path)
-        self.records: list[dict[str, Any]] = []
-        self.meta: dict[str, Any] = {}
-        if resume and self.path.exists():
-            data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or "records" not in data:
-                raise ValueError(
-                    f"{self.path} is not a benchmark results file (no 'records'); "
-                    "choose another --out or pass --no-resume to overwrite it."
-                )
-            self.records = list(data["records"])
-            self.meta = dict(data.get("meta", {}))
-        self._keys = {_key(r) for r in self.records}
-
-    def has(self, **key: Any) -> bool:
-        return _key(key) in self._keys
-
-    def get(self, **key: Any) -> dict[str, Any] | None:
-        k = _key(key)
-        for record in self.records:
-            if _key(record) == k:
-                return record
-        return None
-
-    def add(self, record: dict[str, Any]) -> None:
-        k = _key(record)
-        self.records = [r for r in self.records if _key(r) != k] + [record]
-        self._keys.add(k)
-        self.save()
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
-        os.replace(tmp, self.path)
-
-
-def _environment(config: BenchmarkConfig) -> dict[str, Any]:
-    import jax
-
-    env = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.local_devices()],
-        "device_kind": jax.local_devices()[0].device_kind,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "threads": config.threads,
-    }
-    with contextlib.suppress(ImportError):
-        import torch
-
-        env["torch"] = torch.__version__
-    with contextlib.suppress(Exception):
-        import importlib.metadata
-
-        env["grad-cam"] = importlib.metadata.version("grad-cam")
-    return env
 
 
 # --------------------------------------------------------------------------- models and data
@@ -420,18 +225,8 @@ class Workbench:
 
             torch_model = None
             if self.use_torch:
-                import torch
-                import torchvision
-
-                torch.manual_seed(self.config.seed)
-                torch_model = getattr(torchvision.models, arch)(
-                    weights=None, num_classes=num_classes
-                ).eval()
-                for p in torch_model.parameters():
-                    p.requires_grad_(True)
-                model, variables = jaxcam.weights.load_torchvision(
-                    torch_model.state_dict(), arch
-                )
+                torch_model, model, variables = jaxcam.weights.random_torchvision(
+                    arch, num_classes, self.config.seed)
             else:
                 model = jaxcam.models.get(arch, num_classes)
                 variables = model.init(
@@ -448,18 +243,6 @@ class Workbench:
         return rng.standard_normal((batch, s, s, 3), dtype=np.float32)
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, float):
-        if x == 0:
-            return "0"
-        if abs(x) >= 100:
-            return f"{x:.0f}"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
 def _progress(msg: str) -> None:
     print(msg, flush=True)
 
@@ -467,32 +250,11 @@ def _progress(msg: str) -> None:
 # --------------------------------------------------------------------------- sections
 
 
-def _cell(store: ResultStore, key: dict[str, Any], run: Callable[[], dict[str, Any]]) -> None:
-    """Measure one cell unless the store has it; record errors instead of stopping."""
-    label = " ".join(f"{k}={v}" for k, v in key.items() if v is not None)
-    if store.has(**key):
-        _progress(f"  skip (already measured): {label}")
-        return
-    _progress(f"  measuring {label} ...")
-    t0 = time.perf_counter()
-    try:
-        result = run()
-    except Exception as err:  # a broken cell must not lose the rest of a long run
-        result = {"error": f"{type(err).__name__}: {err}"[:500]}
-        _progress(f"    ERROR {result['error']}")
-    record = {**{k: key.get(k) for k in KEY_FIELDS}, **result}
-    store.add(record)
-    if "images_per_s" in record:
-        _progress(
-            f"    {record['images_per_s']:.3g} images/s, step {record['step_s']:.3g} s, "
-            f"first call {record.get('first_call_s', float('nan')):.3g} s "
-            f"({time.perf_counter() - t0:.0f} s for the cell)"
-        )
-
-
-def _with_throughput(result: dict[str, Any], batch: int) -> dict[str, Any]:
-    result["images_per_s"] = batch / result["step_s"]
-    return result
+def cell_key(config: BenchmarkConfig, section: str, arch: str, batch: int, method: str,
+             impl: str = "jaxcam") -> dict[str, Any]:
+    """The key of a one-device cell at ``config``'s image size and class count."""
+    return dict(section=section, impl=impl, arch=arch, image_size=config.image_size,
+                batch=batch, method=method, num_classes=config.num_classes, devices=1)
 
 
 def section_forward(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
@@ -501,22 +263,19 @@ def section_forward(config: BenchmarkConfig, bench: Workbench, store: ResultStor
     _progress("[forward] eval-mode model.apply under jax.jit")
     for arch in config.archs:
         for batch in config.batch_sizes:
-            key = dict(
-                section="forward", impl="jaxcam", arch=arch, image_size=config.image_size,
-                batch=batch, method="apply", num_classes=config.num_classes, devices=1,
-            )
+            key = cell_key(config, "forward", arch, batch, "apply")
 
             def run(arch=arch, batch=batch):
                 model, variables, _ = bench.model(arch, config.num_classes)
                 x = jax.device_put(bench.images(batch))
                 apply = jax.jit(model.apply)
-                return _with_throughput(
+                return with_throughput(
                     measure(lambda: apply(variables, x), repeats=config.repeats,
                             max_seconds=config.max_seconds),
                     batch,
                 )
 
-            _cell(store, key, run)
+            store.cell(key, run)
 
 
 # Score-CAM: masked images scored per vectorised chunk (channels per chunk x batch),
@@ -541,16 +300,10 @@ def _explain_call(model, variables, x, labels: Sequence[str], **extra: Any) -> C
     return lambda: jaxcam.explain(model, variables, x, method=methods, **extra)
 
 
-def _applies(model, variables, label: str) -> str | None:
-    """None when the method applies to the model; otherwise the reason it does not."""
-    head = model.linear_head(variables, model.default_layer)
-    if METHOD_SPECS[label][0] == "cam" and head is None:
-        return f"CAM needs a GAP + dense head; {model.arch} at {model.default_layer} has none"
-    return None
-
-
 def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
     import jax
+
+    import jaxcam
 
     _progress("[methods] jaxcam.explain, maps upsampled to the input and normalised")
     labels = [m for m in config.methods if m in METHOD_SPECS]
@@ -561,16 +314,14 @@ def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStor
             if len(shared) > 1:
                 cells.append((SHARED_LABEL, tuple(shared)))
             for name, group in cells:
-                key = dict(
-                    section="methods", impl="jaxcam", arch=arch, image_size=config.image_size,
-                    batch=batch, method=name, num_classes=config.num_classes, devices=1,
-                )
+                key = cell_key(config, "methods", arch, batch, name)
 
                 def run(arch=arch, batch=batch, group=group):
                     model, variables, _ = bench.model(arch, config.num_classes)
-                    reason = _applies(model, variables, group[0])
+                    _, reason = jaxcam.methods.placement(METHOD_SPECS[group[0]][0], model,
+                                                         variables, model.default_layer)
                     if reason:
-                        return {"skipped": reason}
+                        return {"skipped": f"CAM needs a GAP + dense head; {reason}"}
                     x = jax.device_put(bench.images(batch))
                     call = _explain_call(model, variables, x, group)
                     last = {}
@@ -587,9 +338,9 @@ def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStor
                         result["methods"] = list(group)
                     if group == ("scorecam",):
                         result["scorecam_batch_size"] = scorecam_chunk(batch)
-                    return _with_throughput(result, batch)
+                    return with_throughput(result, batch)
 
-                _cell(store, key, run)
+                store.cell(key, run)
 
 
 def _torch_layer(torch_model, arch: str, layer: str):
@@ -598,6 +349,14 @@ def _torch_layer(torch_model, arch: str, layer: str):
     for part in layer.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module
+
+
+def vit_reshape_transform(tokens):
+    """pytorch-grad-cam's ``reshape_transform`` for a ViT: tokens ``(B, 1 + g*g, D)``, the
+    class token first, -> the patch grid ``(B, D, g, g)`` (channels first), as jaxcam's
+    ViT ``to_grid`` does (without the transpose)."""
+    g = math.isqrt(tokens.shape[1] - 1)
+    return tokens[:, 1:].reshape(tokens.shape[0], g, g, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
@@ -616,10 +375,7 @@ def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore)
     )
     for arch in config.archs:
         for batch in config.batch_sizes:
-            key = dict(
-                section="torch", impl="torch", arch=arch, image_size=config.image_size,
-                batch=batch, method="apply", num_classes=config.num_classes, devices=1,
-            )
+            key = cell_key(config, "torch", arch, batch, "apply", impl="torch")
 
             def run_forward(arch=arch, batch=batch):
                 _, _, torch_model = bench.model(arch, config.num_classes)
@@ -629,13 +385,13 @@ def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore)
                     with torch.no_grad():
                         return torch_model(x)
 
-                return _with_throughput(
+                return with_throughput(
                     measure(forward, repeats=config.repeats, max_seconds=config.max_seconds,
                             sync=lambda out: out, track_compiles=False),
                     batch,
                 )
 
-            _cell(store, key, run_forward)
+            store.cell(key, run_forward)
             done: dict[str, str] = {}
             for label in config.methods:
                 cls_name = TORCH_METHODS.get(label)
@@ -659,7 +415,8 @@ def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore)
                         if too_big:
                             return {"skipped": too_big}
                     cam = getattr(pytorch_grad_cam, cls_name)(
-                        model=torch_model, target_layers=[_torch_layer(torch_model, arch, layer)]
+                        model=torch_model, target_layers=[_torch_layer(torch_model, arch, layer)],
+                        reshape_transform=vit_reshape_transform if arch in VIT_ARCHS else None,
                     )
                     images = bench.images(batch)
                     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
@@ -676,9 +433,9 @@ def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore)
                     result["agreement"] = _agreement(model, variables, images, label,
                                                      last["out"], ours)
                     result["torch_class"] = cls_name
-                    return _with_throughput(result, batch)
+                    return with_throughput(result, batch)
 
-                _cell(store, key, run)
+                store.cell(key, run)
                 done.setdefault(cls_name, label)
 
 
@@ -728,17 +485,6 @@ def _agreement(model, variables, images: np.ndarray, label: str, torch_maps: np.
             "min_pearson": min(finite) if finite else None}
 
 
-def _certificate_fn():
-    """The certificate of the factored engine, found by name in jaxcam.derivatives."""
-    import jaxcam.derivatives as d
-
-    for name in ("certify_piecewise_linear", "certificate", "is_piecewise_linear",
-                 "piecewise_linear_certificate", "certify"):
-        if callable(getattr(d, name, None)):
-            return name, getattr(d, name)
-    return None, None
-
-
 def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
     import jax
     import jax.numpy as jnp
@@ -780,9 +526,9 @@ def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore
         result["coordinates_per_image"] = int(np.prod(A.shape[1:]))
         result["chunk_size"] = config.taylor_chunk_size
         result["seconds_per_image"] = result["step_s"]
-        return _with_throughput(result, 1)
+        return with_throughput(result, 1)
 
-    _cell(store, dict(base, batch=1, method="taylor"), run_taylor)
+    store.cell(dict(base, batch=1, method="taylor"), run_taylor)
 
     def run_factored():
         model, variables, x, A, _, cls = setup(c_main, batch)
@@ -790,25 +536,21 @@ def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore
         head = lambda A: model.head(variables, A, layer=layer)
         dd = jax.jit(lambda A: jaxcam.diagonal_derivatives(
             None, A, engine="factored", head=head, target="exp", class_idx=cls, certified=True))
-        return _with_throughput(
+        return with_throughput(
             measure(lambda: dd(A), repeats=config.repeats, max_seconds=config.max_seconds), batch
         )
 
-    _cell(store, dict(base, batch=batch, method="factored"), run_factored)
+    store.cell(dict(base, batch=batch, method="factored"), run_factored)
 
     def run_certificate():
-        name, certify = _certificate_fn()
-        if certify is None:
-            return {"skipped": "no certificate function found in jaxcam.derivatives"}
         model, variables, _, A, _, _ = setup(c_main, batch)
-        layer = model.default_layer
-        head = lambda A: model.head(variables, A, layer=layer)
-        result = measure(lambda: certify(head, A), repeats=config.repeats,
-                         max_seconds=config.max_seconds)
-        result["function"] = f"jaxcam.derivatives.{name}"
-        return _with_throughput(result, batch)
+        head = lambda A: model.head(variables, A, layer=model.default_layer)
+        result = measure(lambda: jaxcam.derivatives.is_piecewise_linear(head, A),
+                         repeats=config.repeats, max_seconds=config.max_seconds)
+        result["function"] = "jaxcam.derivatives.is_piecewise_linear"
+        return with_throughput(result, batch)
 
-    _cell(store, dict(base, batch=batch, method="certificate"), run_certificate)
+    store.cell(dict(base, batch=batch, method="certificate"), run_certificate)
 
     labels = ("apply", "gradcam", "gradcam++_closed", "gradcam++_exact")
     for num_classes in config.engine_num_classes:
@@ -834,51 +576,11 @@ def section_engine(config: BenchmarkConfig, bench: Workbench, store: ResultStore
         for label in labels:
             record = {**keys[label], **results[label]}
             if "step_s" in record:
-                _with_throughput(record, batch)
+                with_throughput(record, batch)
             store.add(record)
             if "ratio_to_reference" in record:
                 _progress(f"    {label}: {record['step_s']:.3g} s/batch, "
                           f"{record['ratio_to_reference']:.3g}x Grad-CAM")
-
-
-def measure_interleaved(
-    calls: dict[str, Callable[[], Any]], *, reference: str, rounds: int, max_seconds: float
-) -> dict[str, dict[str, Any]]:
-    """Time several calls in alternation: round r runs each call once, in order.
-
-    On a busy machine the load drifts between cells measured minutes apart;
-    alternating the calls exposes them to the same load, and the ratio of each
-    call to ``reference`` is taken per round (``ratio_to_reference``: the median
-    over rounds), so the ratios survive contention much better than the times.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for label, fn in calls.items():  # compile everything first
-        with CompileCounter() as counter:
-            t0 = time.perf_counter()
-            _block(fn())
-            out[label] = {"first_call_s": time.perf_counter() - t0,
-                          "compile_s": counter.compile_seconds + counter.trace_seconds,
-                          "compiles": counter.compiles}
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    with CompileCounter() as steady:
-        spent = 0.0
-        for _ in range(rounds):
-            for label, fn in calls.items():
-                t0 = time.perf_counter()
-                _block(fn())
-                times[label].append(time.perf_counter() - t0)
-                spent += times[label][-1]
-            if spent >= max_seconds * len(calls):
-                break
-    for label in calls:
-        ratios = [t / r for t, r in zip(times[label], times[reference], strict=True)]
-        out[label].update(
-            step_s=statistics.median(times[label]), step_min_s=min(times[label]),
-            repeats=len(times[label]), ratio_to_reference=statistics.median(ratios),
-            reference=reference, interleaved=True, recompiles=steady.compiles,
-            host_peak_mb=0.0,
-        )
-    return out
 
 
 def _metric_calls(model, variables, x, maps, maps_b) -> dict[str, Callable[[], Any]]:
@@ -934,9 +636,8 @@ def section_metrics(config: BenchmarkConfig, bench: Workbench, store: ResultStor
     for name, call in calls.items():
         if config.metric_names and name not in config.metric_names:
             continue
-        key = dict(section="metrics", impl="jaxcam", arch=arch, image_size=config.image_size,
-                   batch=batch, method=name, num_classes=config.num_classes, devices=1)
-        _cell(store, key, lambda call=call: _with_throughput(
+        key = cell_key(config, "metrics", arch, batch, name)
+        store.cell(key, lambda call=call: with_throughput(
             measure(call, repeats=config.repeats, max_seconds=config.max_seconds), batch))
 
 
@@ -945,9 +646,10 @@ import json, sys, time
 import jax, numpy as np
 import jaxcam
 from jaxcam import distributed
-from experiments.benchmark import measure
-arch, image_size, batch, num_classes, repeats, max_seconds = sys.argv[1:7]
-image_size, batch, num_classes, repeats = map(int, (image_size, batch, num_classes, repeats))
+from jaxcam.timing import measure
+args = json.loads(sys.argv[1])
+arch, image_size, batch, num_classes, repeats, max_seconds = (
+    args[k] for k in ("arch", "image_size", "batch", "num_classes", "repeats", "max_seconds"))
 model = jaxcam.models.get(arch, num_classes)
 variables = model.init(jax.random.key(0), image_size=image_size)
 mesh = distributed.data_mesh()
@@ -955,7 +657,6 @@ variables = distributed.replicate(variables, mesh)
 x = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
 x = distributed.shard_batch(x, mesh)
 apply = jax.jit(model.apply)
-max_seconds = float(max_seconds)
 out = {"devices": len(jax.devices()),
        "forward": measure(lambda: apply(variables, x), repeats=repeats, max_seconds=max_seconds),
        "gradcam": measure(lambda: jaxcam.explain(model, variables, x, method="gradcam"),
@@ -983,23 +684,19 @@ def section_scaling(config: BenchmarkConfig, bench: Workbench, store: ResultStor
         flags = [f for f in flags if "xla_force_host_platform_device_count" not in f]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.run(
-            [sys.executable, "-c", SCALING_WORKER, config.scaling_arch, str(config.image_size),
-             str(config.scaling_batch), str(config.num_classes), str(config.repeats),
-             str(config.max_seconds)],
-            capture_output=True, text=True, env=env, cwd=root,
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            error = {"error": f"worker failed ({proc.returncode}): {proc.stderr[-400:]}"}
+        payload = dict(arch=config.scaling_arch, image_size=config.image_size,
+                       batch=config.scaling_batch, num_classes=config.num_classes,
+                       repeats=config.repeats, max_seconds=config.max_seconds)
+        try:
+            _, out = _run_worker(SCALING_WORKER, payload, env, root)
+        except RuntimeError as err:
             for method in ("apply", "gradcam"):
-                store.add({**base, "method": method, **error})
-            _progress(f"    ERROR {error['error']}")
+                store.add({**base, "method": method, "error": str(err)[:500]})
+            _progress(f"    ERROR {err}")
             continue
-        out = json.loads(lines[-1][len("RESULT "):])
         for method, name in (("apply", "forward"), ("gradcam", "gradcam")):
             record = {**base, "method": method, "devices_seen": out["devices"], **out[name]}
-            store.add(_with_throughput(record, config.scaling_batch))
+            store.add(with_throughput(record, config.scaling_batch))
             _progress(f"    {method}: {record['images_per_s']:.3g} images/s")
 
 
@@ -1106,17 +803,7 @@ def _smooth_jpeg(path: Path, width: int, height: int, seed: int) -> None:
     Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path, quality=90)
 
 
-def _run_worker(code: str, payload: dict[str, Any], env: dict[str, str], cwd: str
-                ) -> tuple[float, dict[str, Any] | list[Any]]:
-    """(wall seconds of the whole subprocess, its RESULT payload)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)],
-                          capture_output=True, text=True, env=env, cwd=cwd)
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-600:]}")
-    return wall, json.loads(lines[-1][len("RESULT "):])
+_run_worker = timing.run_worker  # one name for the subprocess workers (tests replace it)
 
 
 def _run_cli(argv: list[str], env: dict[str, str], cwd: str) -> float:
@@ -1133,14 +820,12 @@ def _run_cli(argv: list[str], env: dict[str, str], cwd: str) -> float:
 def _first_call_files(config: BenchmarkConfig, arch: str, work: Path) -> dict[str, Any]:
     """Random torchvision weights (.pth for torch, .safetensors for jaxcam) and two JPEGs."""
     import torch
-    import torchvision
     from safetensors.torch import save_file
 
     import jaxcam
 
-    torch.manual_seed(config.seed)
-    net = getattr(torchvision.models, arch)(weights=None,
-                                            num_classes=config.first_call_num_classes)
+    net, _, _ = jaxcam.weights.random_torchvision(arch, config.first_call_num_classes,
+                                                  config.seed)
     state = net.state_dict()
     pth, st = work / f"{arch}.pth", work / f"{arch}.safetensors"
     torch.save(state, pth)
@@ -1180,7 +865,6 @@ def section_first_call(config: BenchmarkConfig, bench: Workbench, store: ResultS
 
 
 def _first_call_cells(config, store, arch, method, files, work: Path, base_env, root) -> None:
-    import statistics
 
     size, classes = config.first_call_image_size, config.first_call_num_classes
     key = dict(section="first_call", arch=arch, image_size=size, batch=1, method=method,
@@ -1409,26 +1093,31 @@ def render_markdown(store: ResultStore) -> str:
 
     met = [r for r in recs if r["section"] == "metrics"]
     if met:
-        out += ["### Metrics (`jaxcam.metrics`, defaults)", "",
-                "| metric | arch | image | batch | images/s | s/batch | compile s |",
-                "|---|---|---|---|---|---|---|"]
-        for r in met:
-            out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
-                       f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('step_s'))} | "
-                       f"{_fmt(r.get('compile_s'))} |")
-        out.append("")
+        out += ["### Metrics (`jaxcam.metrics`, defaults)", "", *report.table(
+            ["metric", "arch", "image", "batch", "images/s", "s/batch", "compile s"],
+            ([r["method"], r["arch"], r["image_size"], r["batch"], _fmt(r.get("images_per_s")),
+              _fmt(r.get("step_s")), _fmt(r.get("compile_s"))] for r in met)), ""]
 
     sc = [r for r in recs if r["section"] == "scaling"]
     if sc:
-        out += ["### Data-parallel sharding over forced host devices", "",
-                "| call | arch | image | batch | devices | images/s | vs 1 device |",
-                "|---|---|---|---|---|---|---|"]
-        for r in sorted(sc, key=lambda r: (r["method"], r["devices"])):
+        def vs_one(r):
             one = find(**dict(r, devices=1))
-            rel = r["images_per_s"] / one["images_per_s"] if _ok(r) and _ok(one) else None
-            out.append(f"| {r['method']} | {r['arch']} | {r['image_size']} | {r['batch']} | "
-                       f"{r['devices']} | {_fmt(r.get('images_per_s'))} | {_fmt(rel)} |")
-        out.append("")
+            return r["images_per_s"] / one["images_per_s"] if _ok(r) and _ok(one) else None
+
+        out += ["### Data-parallel sharding over forced host devices", "", *report.table(
+            ["call", "arch", "image", "batch", "devices", "images/s", "vs 1 device"],
+            ([r["method"], r["arch"], r["image_size"], r["batch"], r["devices"],
+              _fmt(r.get("images_per_s")), _fmt(vs_one(r))]
+             for r in sorted(sc, key=lambda r: (r["method"], r["devices"])))), ""]
+
+    vit = [r for r in recs if r["section"] == "vit"]
+    if vit:
+        out += ["### ViT: exact Grad-CAM++ through the head (one image)", "", *report.table(
+            ["method", "arch", "image", "s/image", "compile s", "coordinates",
+             "s/coordinate"],
+            ([r["method"], r["arch"], r["image_size"], _fmt(r.get("step_s")),
+              _fmt(r.get("compile_s")), r.get("coordinates", "-"),
+              _fmt(r.get("seconds_per_coordinate"))] for r in vit)), ""]
 
     out += first_call_tables(store)
     goals = goal_lines(store)
@@ -1567,59 +1256,49 @@ def _csv(cast: Callable[[str], Any]) -> Callable[[str], tuple]:
     return lambda s: tuple(cast(v.strip()) for v in s.split(",") if v.strip())
 
 
+FLAGS = {"metric_names": "--metrics"}  # field -> flag where they differ
+HELP = {
+    "only": f"comma-separated sections out of {','.join(SECTIONS)}",
+    "methods": f"out of {','.join(METHOD_SPECS)}",
+    "max_seconds": "stop repeating a cell once its steady-state time exceeds this",
+    "metric_names": "metric names for the metrics section (default: all)",
+    "first_call_methods": "jaxcam explain --method values (gradcam, gradcam++)",
+    "first_call_repeats": "fresh processes per first-call cell (the median is reported)",
+    "vit_arch": f"out of {','.join(VIT_ARCHS)}",
+    "vit_coordinates": "coordinates (whole token rows) of the vit section's per-coordinate "
+                       "cells",
+    "threads": "torch.set_num_threads for the PyTorch comparison",
+    "out": "results JSON (markdown written next to it)",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
+    """One flag per :class:`BenchmarkConfig` field (tuples comma-separated), plus
+    ``--no-resume``, ``--smoke`` and ``--compilation-cache``."""
     d = BenchmarkConfig()
     p = argparse.ArgumentParser(
         prog="python -m experiments.benchmark",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--only", type=_csv(str), default=d.only,
-                   help=f"comma-separated sections out of {','.join(SECTIONS)}")
-    p.add_argument("--archs", type=_csv(str), default=d.archs)
-    p.add_argument("--batch-sizes", type=_csv(int), default=d.batch_sizes)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--methods", type=_csv(str), default=d.methods,
-                   help=f"out of {','.join(METHOD_SPECS)}")
-    p.add_argument("--num-classes", type=int, default=d.num_classes)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--max-seconds", type=float, default=d.max_seconds,
-                   help="stop repeating a cell once its steady-state time exceeds this")
-    p.add_argument("--engine-batch", type=int, default=d.engine_batch)
-    p.add_argument("--taylor-chunk-size", type=int, default=d.taylor_chunk_size)
-    p.add_argument("--metrics-batch", type=int, default=d.metrics_batch)
-    p.add_argument("--metrics", type=_csv(str), default=d.metric_names,
-                   help="metric names for the metrics section (default: all)")
-    p.add_argument("--scaling-devices", type=_csv(int), default=d.scaling_devices)
-    p.add_argument("--first-call-archs", type=_csv(str), default=d.first_call_archs)
-    p.add_argument("--first-call-methods", type=_csv(str), default=d.first_call_methods,
-                   help="jaxcam explain --method values (gradcam, gradcam++)")
-    p.add_argument("--first-call-image-size", type=int, default=d.first_call_image_size)
-    p.add_argument("--first-call-num-classes", type=int, default=d.first_call_num_classes)
-    p.add_argument("--first-call-repeats", type=int, default=d.first_call_repeats,
-                   help="fresh processes per first-call cell (the median is reported)")
+    for field in dataclasses.fields(BenchmarkConfig):
+        if field.name == "resume":
+            continue
+        cast = int if "int" in field.type else float if "float" in field.type else str
+        p.add_argument(FLAGS.get(field.name, "--" + field.name.replace("_", "-")),
+                       dest=field.name, default=getattr(d, field.name),
+                       type=_csv(cast) if field.type.startswith("tuple") else cast,
+                       help=HELP.get(field.name))
     compilation.add_compilation_cache_option(p)
-    p.add_argument("--threads", type=int, default=d.threads,
-                   help="torch.set_num_threads for the PyTorch comparison")
-    p.add_argument("--out", default=d.out, help="results JSON (markdown written next to it)")
     p.add_argument("--no-resume", action="store_true", help="measure every cell again")
     p.add_argument("--smoke", action="store_true",
                    help="tiny configuration (ResNet-50 at 32 px, batch 2, two methods)")
-    a = p.parse_args(argv)
-    if a.smoke:
-        return dataclasses.replace(BenchmarkConfig.smoke(a.out), resume=not a.no_resume)
-    config = BenchmarkConfig(
-        only=a.only, archs=a.archs, batch_sizes=a.batch_sizes, image_size=a.image_size,
-        methods=a.methods, num_classes=a.num_classes, repeats=a.repeats,
-        max_seconds=a.max_seconds, engine_batch=a.engine_batch,
-        taylor_chunk_size=a.taylor_chunk_size, metrics_batch=a.metrics_batch,
-        metric_names=a.metrics,
-        scaling_devices=a.scaling_devices, threads=a.threads, out=a.out,
-        resume=not a.no_resume, first_call_archs=a.first_call_archs,
-        first_call_methods=a.first_call_methods, first_call_image_size=a.first_call_image_size,
-        first_call_num_classes=a.first_call_num_classes,
-        first_call_repeats=a.first_call_repeats,
-    )
+    a = vars(p.parse_args(argv))
+    smoke, resume = a.pop("smoke"), not a.pop("no_resume")
+    a.pop("compilation_cache", None)
+    if smoke:
+        return dataclasses.replace(BenchmarkConfig.smoke(a["out"]), resume=resume)
+    config = BenchmarkConfig(**a, resume=resume)
     validate(config)
     return config
 
@@ -1629,9 +1308,14 @@ def validate(config: BenchmarkConfig) -> None:
     bad = [s for s in config.only if s not in SECTIONS]
     if bad:
         raise ValueError(f"unknown section(s) {bad} in --only; choose from {list(SECTIONS)}.")
-    bad = [a for a in config.archs if a not in ARCHS]
+    bad = [a for a in config.archs if a not in (*ARCHS, "vit_b_16")]
     if bad:
-        raise ValueError(f"unknown arch(s) {bad} in --archs; choose from {list(ARCHS)}.")
+        raise ValueError(f"unknown arch(s) {bad} in --archs; choose from "
+                         f"{[*ARCHS, 'vit_b_16']}.")
+    if config.vit_arch not in VIT_ARCHS:
+        raise ValueError(f"unknown --vit-arch {config.vit_arch!r}; choose from {list(VIT_ARCHS)}.")
+    if config.vit_coordinates < 1:
+        raise ValueError(f"--vit-coordinates must be at least 1; got {config.vit_coordinates}.")
     bad = [m for m in config.methods if m not in METHOD_SPECS]
     if bad:
         raise ValueError(f"unknown method(s) {bad} in --methods; choose from {list(METHOD_SPECS)}.")
@@ -1658,7 +1342,7 @@ def run_benchmark(config: BenchmarkConfig) -> ResultStore:
     """Run the selected sections, appending to ``config.out``; returns the store."""
     validate(config)
     store = ResultStore(config.out, resume=config.resume)
-    store.meta["environment"] = _environment(config)
+    store.meta["environment"] = timing.environment(threads=config.threads)
     store.meta["ru_maxrss_mb_at_start"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     store.save()
     bench = Workbench(config)
@@ -1667,7 +1351,7 @@ def run_benchmark(config: BenchmarkConfig) -> ResultStore:
     sections = {
         "forward": section_forward, "methods": section_methods, "torch": section_torch,
         "engine": section_engine, "metrics": section_metrics, "scaling": section_scaling,
-        "first-call": section_first_call,
+        "first-call": section_first_call, "vit": section_vit,
     }
     for name in SECTIONS:  # fixed order, whatever order --only lists them in
         if name in config.only:

@@ -26,6 +26,7 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
     from experiments import benchmark as bm
     from jaxcam import derivatives as deriv
     from jaxcam import targets
+    from jaxcam.timing import measure, with_throughput
 
     arch = config.vit_arch
     bm._progress(f"[vit] exact Grad-CAM++ through the {arch} head (one image)")
@@ -46,11 +47,11 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
             model, variables, x = setup()
             name, extra = bm.METHOD_SPECS[label]
             f = jax.jit(lambda v, x: jaxcam.explain(model, v, x, method=name, **extra).raw)
-            result = bm.measure(lambda: f(variables, x), repeats=config.repeats,
+            result = measure(lambda: f(variables, x), repeats=config.repeats,
                                 max_seconds=config.max_seconds)
-            return bm._with_throughput(result, 1)
+            return with_throughput(result, 1)
 
-        bm._cell(store, dict(base, method=label), run)
+        store.cell(dict(base, method=label), run)
 
     def coordinate_cell(rows: bool):
         model, variables, x = setup()
@@ -69,14 +70,14 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
             s = lambda a: targets.inner_scores(t, head(a), c, None)
             coords = (tokens[:, None] * d + jnp.arange(d)[None]).reshape(-1)
             fn = jax.jit(lambda A: deriv.taylor_derivatives_at(s, A, coords))
-        result = bm.measure(lambda: fn(A), repeats=1, max_seconds=config.max_seconds)
+        result = measure(lambda: fn(A), repeats=1, max_seconds=config.max_seconds)
         n = int(tokens.size) * d
         result.update(coordinates=n, seconds_per_coordinate=result["step_s"] / n,
                       full_grid_coordinates=int(model.to_grid(A, layer)[0].size))
         return result
 
-    bm._cell(store, dict(base, method="taylor_rows"), lambda: coordinate_cell(True))
-    bm._cell(store, dict(base, method="taylor_generic"), lambda: coordinate_cell(False))
+    store.cell(dict(base, method="taylor_rows"), lambda: coordinate_cell(True))
+    store.cell(dict(base, method="taylor_generic"), lambda: coordinate_cell(False))
     rows = store.get(**dict(base, method="taylor_rows"))
     generic = store.get(**dict(base, method="taylor_generic"))
     key = "seconds_per_coordinate"

@@ -16,15 +16,16 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxcam import compilation
+from jaxcam import compilation, report
 from jaxcam.models import ARCHS  # every architecture jaxcam ships
+from jaxcam.report import percent as _pct
 
 SYNTHETIC = "synthetic_lesions"
 
@@ -107,6 +108,32 @@ _HELP = {
 }
 
 
+def explicit_options(cls: type, argv: Sequence[str] | None, help_text: dict[str, str],
+                     description: str, prog: str | None = None) -> dict[str, Any]:
+    """The options given on the command line, ``{field: value}``: one ``--field-name``
+    per field of the dataclass ``cls`` (bools ``--x/--no-x``, ``progress`` as
+    ``--no-progress``; int / float / str by the field's type) and
+    ``--compilation-cache`` (read by ``compilation.enable_from_argv``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if field.name == "progress":
+            parser.add_argument("--no-progress", dest="progress", action="store_false",
+                                default=None, help="hide progress bars")
+        elif kind == "bool":
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text.get(field.name))
+        else:
+            conv = int if "int" in kind else float if "float" in kind else str
+            parser.add_argument(flag, dest=field.name, type=conv, default=None,
+                                help=help_text.get(field.name, f"default {field.default!r}"))
+    compilation.add_compilation_cache_option(parser)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    args.pop("compilation_cache", None)
+    return args
+
+
 def parse_config(
     cls: type[ExperimentConfig],
     argv: Sequence[str] | None,
@@ -116,28 +143,7 @@ def parse_config(
     """Command line -> config. Defaults come from ``cls`` for the synthetic set and from
     ``real_defaults`` (the reference setup) when ``--data-dir`` is given; explicit
     options override both."""
-    parser = argparse.ArgumentParser(description=description)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false",
-                                default=None, help="hide progress bars")
-            continue
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
-        if kind == "bool":
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=_HELP.get(field.name))
-            continue
-        conv: Callable[[str], Any] = str
-        if "int" in kind:
-            conv = int
-        elif "float" in kind:
-            conv = float
-        parser.add_argument(flag, dest=field.name, type=conv, default=None,
-                            help=_HELP.get(field.name, f"default {field.default!r}"))
-    compilation.add_compilation_cache_option(parser)  # read by main (enable_from_argv)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    args.pop("compilation_cache", None)
+    args = explicit_options(cls, argv, _HELP, description)
     base = cls()
     if args.get("data_dir") is not None:
         base = dataclasses.replace(base, **real_defaults)
@@ -202,7 +208,7 @@ def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data
     """Build (once, cached) and open the dataset's train / validation / test splits."""
     import jaxcam.data as jdata
 
-    cache = Path(config.cache_dir) if config.cache_dir else out / "tfds"
+    cache = str(Path(config.cache_dir) if config.cache_dir else out / "tfds")
     if config.synthetic:
         name = SYNTHETIC
         n_val = n_test = max(1, round(0.15 * config.num_images))
@@ -212,16 +218,12 @@ def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data
         print(f"*** No --data-dir: using the SYNTHETIC lesion set ({config.num_images} images, "
               f"{config.image_size} px), not {spec.title}. Numbers below are about the "
               "synthetic set. ***", flush=True)
-        jdata.build(name, data_dir=str(cache), progress=config.progress, **builder_config)
+        splits = jdata.build_splits(name, cache, progress=config.progress, **builder_config)
     else:
         name, builder_config = spec.dataset, {}
         print(f"Using {spec.title} from {config.data_dir}", flush=True)
-        jdata.build(name, manual_dir=config.data_dir, data_dir=str(cache),
-                    progress=config.progress)
-    splits = {
-        s: jdata.load(name, s, data_dir=str(cache), **builder_config)
-        for s in ("train", "validation", "test")
-    }
+        splits = jdata.build_splits(name, cache, manual_dir=config.data_dir,
+                                    progress=config.progress)
     meta = jdata.info(name)
     return Data(name, splits, tuple(meta.display_names), tuple(meta.malignant), builder_config)
 
@@ -231,45 +233,11 @@ def load_data(config: ExperimentConfig, spec: ExperimentSpec, out: Path) -> Data
 # --------------------------------------------------------------------------------------
 
 
-def build_model(config: ExperimentConfig, num_classes: int):
-    """The model, its initial variables, and the replaced leaves when fine-tuning."""
-    import jax
-
-    import jaxcam
+def train_config(config: ExperimentConfig, spec: ExperimentSpec):
+    """The :class:`jaxcam.train.TrainConfig` of an experiment's options."""
     from jaxcam import train
 
-    model = jaxcam.models.get(config.arch, num_classes)
-    min_size = getattr(model, "min_image_size", 32)
-    if config.image_size < min_size:
-        raise ValueError(f"--image-size {config.image_size} is below the {config.arch} "
-                         f"minimum of {min_size} px.")
-    variables = model.init(jax.random.PRNGKey(config.seed), image_size=config.image_size)
-    replaced: list[str] = []
-    if config.pretrained:
-        loaded = jaxcam.load(config.pretrained, arch=config.arch)
-        variables, replaced = train.transfer_variables(loaded.variables, variables)
-        print(f"Fine-tuning from {config.pretrained}: new classifier for {num_classes} "
-              f"classes ({len(replaced)} tensors re-initialised).", flush=True)
-    return model, variables, replaced
-
-
-def train_model(config: ExperimentConfig, spec: ExperimentSpec, data: Data, model, variables,
-                out: Path, predict_fn=None):
-    import jaxcam.data as jdata
-    from jaxcam import train
-
-    train_src = data.splits["train"]
-    n_train = len(train_src)
-    if config.batch_size > n_train:
-        raise ValueError(
-            f"--batch-size {config.batch_size} is larger than the training split "
-            f"({n_train} images); lower --batch-size."
-        )
-    from jaxcam.data.pipeline import source_labels
-
-    train_labels = source_labels(train_src)
-    counts = np.bincount(train_labels, minlength=len(data.class_names))
-    tconfig = train.TrainConfig(
+    return train.TrainConfig(
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         weight_decay=config.weight_decay, label_smoothing=config.label_smoothing,
         class_weighting=config.class_weighting, patience=config.patience,
@@ -277,85 +245,13 @@ def train_model(config: ExperimentConfig, spec: ExperimentSpec, data: Data, mode
         monitor="kappa" if spec.headline == "kappa" else "balanced_accuracy",
     )
 
-    def train_batches(epoch: int, start_step: int):
-        return jdata.batches(train_src, config.batch_size, config.image_size, train=True,
-                             seed=config.seed, epoch=epoch, start_step=start_step,
-                             balanced=config.balanced, labels=train_labels)
 
-    def eval_batches():
-        return jdata.batches(data.splits["validation"], config.batch_size, config.image_size,
-                             train=False, seed=config.seed, drop_remainder=False)
+def train_on_synthetic(model, variables, out: Path, *, arch: str | None = None, **kwargs):
+    """:func:`jaxcam.train.train_on_synthetic` (``arch`` is ignored: the model's), the name
+    ``experiments.derivatives`` calls."""
+    from jaxcam import train
 
-    from jaxcam.preprocessing import Preprocessing
-
-    result = train.fit(
-        model, variables, train_batches, train.batches_per_epoch(n_train, config.batch_size),
-        tconfig, out / "checkpoints", eval_batches=eval_batches, class_counts=counts,
-        progress=config.progress, predict_fn=predict_fn, class_names=data.class_names,
-        # what jdata.batches does: resize straight to image_size, ImageNet mean/std
-        preprocessing=Preprocessing(image_size=config.image_size, resize_size=None),
-    )
-    return result, counts
-
-
-def train_on_synthetic(model, variables, out: Path, *, arch: str, synthetic_config: str,
-                       num_train: int, image_size: int, epochs: int, batch_size: int,
-                       learning_rate: float, seed: int, cache_dir: str | None = None,
-                       progress: bool = True):
-    """Train ``model`` briefly on a synthetic lesion configuration (``"default"``: one
-    lesion per image, or ``"multi"``); the studies use it to get a model that has
-    learned something.
-
-    Builds (cached) ``num_train`` training and ``num_train // 10`` validation images at
-    ``image_size`` into ``cache_dir`` (default ``out/tfds``), trains with
-    :func:`train_model` (checkpoints in ``out/checkpoints``: rerunning resumes) and
-    returns the :class:`jaxcam.train.TrainResult` (best-epoch ``variables``, ``history``
-    with ``val_accuracy``).
-    """
-    import jaxcam.data as jdata
-
-    n_val = max(1, num_train // 10)
-    builder_config = {"config": synthetic_config, "num_train": num_train,
-                      "num_validation": n_val, "num_test": 1,
-                      "image_size": image_size, "seed": seed}
-    cache = Path(cache_dir) if cache_dir else out / "tfds"
-    jdata.build(SYNTHETIC, data_dir=str(cache), progress=progress, **builder_config)
-    splits = {s: jdata.load(SYNTHETIC, s, data_dir=str(cache), **builder_config)
-              for s in ("train", "validation")}
-    meta = jdata.info(SYNTHETIC)
-    data = Data(SYNTHETIC, splits, tuple(meta.display_names), tuple(meta.malignant),
-                builder_config)
-    spec = ExperimentSpec(name="synthetic", title=f"synthetic {synthetic_config}-lesion set",
-                          dataset=SYNTHETIC, methods=(), headline="accuracy", reference={},
-                          reference_source="")
-    exp_config = ExperimentConfig(
-        arch=arch, epochs=epochs, image_size=image_size,
-        batch_size=min(batch_size, num_train), learning_rate=learning_rate,
-        seed=seed, progress=progress, out=str(out))
-    result, _ = train_model(exp_config, spec, data, model, variables, out)
-    return result
-
-
-# --------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------
-
-
-def evaluate_split(config, model, variables, source, num_classes: int,
-                   predict_fn=None) -> dict[str, Any]:
-    import jaxcam.data as jdata
-    from jaxcam import metrics, train
-
-    out = train.predict(
-        model, variables,
-        jdata.batches(source, config.batch_size, config.image_size, train=False,
-                      seed=config.seed, drop_remainder=False),
-        config.batch_size, predict_fn,
-    )
-    pred = np.argmax(out["logits"], -1)
-    report = metrics.classification_report(out["label"], pred, num_classes)
-    report["kappa"] = metrics.quadratic_weighted_kappa(out["label"], pred, num_classes)
-    return report
+    return train.train_on_synthetic(model, variables, out, **kwargs)
 
 
 # --------------------------------------------------------------------------------------
@@ -382,48 +278,27 @@ MIN_MAP_SIZE = 4
 
 
 def explained_layer(model, variables, image_size: int, layer: str | None) -> str:
-    """The layer the experiment explains: ``layer`` if given, else the model's default
-    layer, unless its map would be coarser than ``MIN_MAP_SIZE`` x ``MIN_MAP_SIZE`` at
-    ``image_size`` (ResNet-50's layer4 is 2x2 at 64 px: one pixel per quadrant cannot
-    point at a lesion); then the deepest cut point whose map is at least that fine."""
-    import jax
+    """``layer`` if given, else :func:`jaxcam.models.layer_for_image_size` (the default
+    layer unless its map is coarser than ``MIN_MAP_SIZE`` x ``MIN_MAP_SIZE``)."""
+    from jaxcam import models
 
     if layer is not None:
         return model.resolve_layer(layer)
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
-
-    def side(name: str) -> int:
-        grid = jax.eval_shape(lambda v, x: model.to_grid(model.features(v, x, name), name),
-                              variables, x)
-        return min(grid.shape[1:3])
-
-    if side(model.default_layer) >= MIN_MAP_SIZE:
-        return model.default_layer
-    before = model.layers[: model.layers.index(model.default_layer)]
-    return next((name for name in reversed(before) if side(name) >= MIN_MAP_SIZE),
-                model.default_layer)
+    return models.layer_for_image_size(model, variables, image_size, min_map_size=MIN_MAP_SIZE)
 
 
 def available_methods(labels: Sequence[str], model, variables, layer: str,
                       method_labels: dict[str, tuple[str, str]] = METHOD_LABELS,
                       ) -> tuple[dict[str, str], dict[str, str]]:
     """``{method label: layer it runs at}`` and ``{skipped label: why}`` for ``labels``
-    (keys of ``method_labels``). Every method runs at ``layer`` except CAM, which exists
-    only at a global-average-pool + dense head: at ``layer`` if that is one, else at the
-    model's default layer if that is one."""
-    skipped: dict[str, str] = {}
-    methods: dict[str, str] = {}
-    for label in labels:
-        name, _ = method_labels[label]
-        if name == "cam" and model.linear_head(variables, layer) is None:
-            if model.linear_head(variables, model.default_layer) is not None:
-                methods[label] = model.default_layer
-            else:
-                skipped[label] = (f"{model.arch} has no global-average-pool + dense head at "
-                                  f"{layer} or {model.default_layer}")
-            continue
-        methods[label] = layer
-    return methods, skipped
+    (keys of ``method_labels``), by :func:`jaxcam.methods.placement` (CAM moves to a
+    global-average-pool + dense layer)."""
+    from jaxcam import methods
+
+    placed = {label: methods.placement(method_labels[label][0], model, variables, layer)
+              for label in labels}
+    return ({label: at for label, (at, _) in placed.items() if at is not None},
+            {label: why for label, (_, why) in placed.items() if why is not None})
 
 
 def explain_test_set(config, spec, model, variables, source, predict_fn,
@@ -433,35 +308,28 @@ def explain_test_set(config, spec, model, variables, source, predict_fn,
     import jax
     from tqdm.auto import tqdm
 
-    import jaxcam
     import jaxcam.data as jdata
+    from jaxcam import distributed
+    from jaxcam.dataset_explain import explain_groups
     from jaxcam.preprocessing import denormalize
 
-    methods, skipped = available_methods(spec.methods, model, variables, layer)
-    # one explain call per (derivatives, layer): methods in a call share the forward pass
-    groups: dict[tuple[str, str], list[str]] = {}
-    for label, at in methods.items():
-        groups.setdefault((METHOD_LABELS[label][1], at), []).append(label)
+    layers, skipped = available_methods(spec.methods, model, variables, layer)
+    triples = {label: (*METHOD_LABELS[label], at) for label, at in layers.items()}
     limit = config.max_explain if config.max_explain is not None else len(source)
-    bs = config.batch_size
-    maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    keep: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "mask", "probs")}
+    keep: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "mask", "probs",
+                                                          *layers)}
+    bar = tqdm(total=min(limit, len(source)), desc="explain", disable=not config.progress,
+               leave=False)
     seen = 0
-    total = min(limit, len(source))
-    bar = tqdm(total=total, desc="explain", disable=not config.progress, leave=False)
-    for batch in jdata.batches(source, bs, config.image_size, train=False, seed=config.seed,
-                               drop_remainder=False):
+    for batch in jdata.batches(source, config.batch_size, config.image_size, train=False,
+                               seed=config.seed, drop_remainder=False):
         if seen >= limit:
             break
         n = min(len(batch["label"]), limit - seen)
         x = np.asarray(batch["image"])[:n]
-        xp = np.concatenate([x, np.repeat(x[-1:], bs - n, 0)]) if n < bs else x
-        for (derivatives, at), labels in groups.items():
-            names = [METHOD_LABELS[m][0] for m in labels]
-            exs = jaxcam.explain(model, variables, xp, method=names, layer=at,
-                                 derivatives=derivatives)
-            for m, name in zip(labels, names, strict=True):
-                maps[m].append(np.asarray(exs[name].maps)[:n])
+        xp, _ = distributed.pad_batch(x, config.batch_size)  # one compiled shape
+        for label, e in explain_groups(model, variables, xp, triples).items():
+            keep[label].append(np.asarray(e.maps)[:n])
         keep["image"].append(x)
         keep["label"].append(np.asarray(batch["label"])[:n])
         keep["probs"].append(np.asarray(jax.nn.softmax(predict_fn(variables, xp), -1))[:n])
@@ -470,18 +338,11 @@ def explain_test_set(config, spec, model, variables, source, predict_fn,
         seen += n
         bar.update(n)
     bar.close()
-    inputs = np.concatenate(keep["image"])
-    probs = np.concatenate(keep["probs"])
+    cat = {k: np.concatenate(v) for k, v in keep.items() if v}
     return Explained(
-        images01=np.asarray(denormalize(inputs)),
-        inputs=inputs,
-        labels=np.concatenate(keep["label"]),
-        pred=probs.argmax(-1),
-        probs=probs,
-        masks=np.concatenate(keep["mask"]) if keep["mask"] else None,
-        maps={m: np.concatenate(v) for m, v in maps.items()},
-        skipped=skipped,
-        layers=methods,
+        images01=np.asarray(denormalize(cat["image"])), inputs=cat["image"],
+        labels=cat["label"], pred=cat["probs"].argmax(-1), probs=cat["probs"],
+        masks=cat.get("mask"), maps={m: cat[m] for m in layers}, skipped=skipped, layers=layers,
     )
 
 
@@ -489,38 +350,28 @@ def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, An
     """Localization (vs masks), faithfulness (average drop) and agreement between methods.
 
     Per method: pointing-game hit rate and energy pointing game against the
-    lesion masks (when the dataset has them), Average Drop (fraction, lower is
-    better) and Increase in Confidence (Chattopadhyay et al. 2018). Per pair of
-    methods: mean Spearman rank correlation and top-20% IoU; images where every
-    pair's IoU >= 0.5 count as "all methods agree".
+    lesion masks (when the dataset has them), Average Drop (:func:`jaxcam.metrics.drop`
+    averaged, as a fraction; lower is better) and Increase in Confidence (Chattopadhyay
+    et al. 2018). Per pair of methods: mean Spearman rank correlation and top-20% IoU;
+    images where every pair's IoU >= 0.5 count as "all methods agree".
     """
     import jax
-    import jax.numpy as jnp
 
     from jaxcam import metrics
+    from jaxcam.distributed import map_padded
 
     out: dict[str, Any] = {"per_method": {}, "agreement": {}}
-    bs = config.batch_size
     n = len(ex.labels)
 
-    def chunked(fn, *arrays):
-        vals = []
-        for s in range(0, n, bs):
-            parts = [a[s:s + bs] for a in arrays]
-            k = len(parts[0])
-            if k < bs:  # pad to one compiled shape
-                parts = [np.concatenate([p, np.repeat(p[-1:], bs - k, 0)]) for p in parts]
-            vals.append(np.asarray(fn(*parts))[:k])
-        return np.concatenate(vals)
-
-    pointing = jax.jit(lambda m, g: metrics.pointing_game(m, g))
-    energy = jax.jit(lambda m, g: metrics.energy_pointing_game(m, g))
+    def mean_of(fn, *arrays) -> float:
+        return float(np.mean(map_padded(fn, arrays, config.batch_size)))
 
     @jax.jit
     def confidence(v, x, m, c):  # variables are an argument, not constants folded into HLO
-        score_fn = lambda z: jax.nn.softmax(model.apply(v, z), -1)
-        return jnp.stack(metrics.confidence_scores(score_fn, x, m, c), -1)
+        return metrics.confidence_scores(lambda z: jax.nn.softmax(model.apply(v, z), -1),
+                                         x, m, c)
 
+    pointing, energy = jax.jit(metrics.pointing_game), jax.jit(metrics.energy_pointing_game)
     spearman = jax.jit(metrics.spearman)
     top20_iou = jax.jit(lambda a, b: metrics.top_k_iou(a, b, 20.0))
 
@@ -529,28 +380,25 @@ def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, An
     for label, maps in ex.maps.items():
         row: dict[str, float] = {}
         if ex.masks is not None:
-            row["pointing_game"] = float(np.mean(chunked(pointing, maps, ex.masks)))
-            row["energy_pointing_game"] = float(np.mean(chunked(energy, maps, ex.masks)))
-        scores = chunked(partial(confidence, variables), ex.inputs, maps, ex.pred)  # (N, 2): Y, O
-        y, o = scores[:, 0], scores[:, 1]
-        row["average_drop"] = float(np.mean(np.maximum(0.0, y - o) / y))
-        row["increase_in_confidence"] = float(np.mean(y < o))
+            row["pointing_game"] = mean_of(pointing, maps, ex.masks)
+            row["energy_pointing_game"] = mean_of(energy, maps, ex.masks)
+        scores = metrics.ConfidenceScores(*map_padded(
+            partial(confidence, variables), (ex.inputs, maps, ex.pred), config.batch_size))
+        row["average_drop"] = float(np.mean(metrics.drop(scores)))
+        row["increase_in_confidence"] = float(np.mean(scores.original < scores.explained))
         out["per_method"][label] = row
 
     labels = list(ex.maps)
-    pairs = {}
-    pair_iou = []
+    pairs, pair_iou = {}, []
     for i, a in enumerate(labels):
         for b in labels[i + 1:]:
-            rho = chunked(spearman, ex.maps[a], ex.maps[b])
-            iou = chunked(top20_iou, ex.maps[a], ex.maps[b])
-            pairs[f"{a} vs {b}"] = {"spearman": float(np.mean(rho)),
+            iou = map_padded(top20_iou, (ex.maps[a], ex.maps[b]), config.batch_size)
+            pairs[f"{a} vs {b}"] = {"spearman": mean_of(spearman, ex.maps[a], ex.maps[b]),
                                     "top20_iou": float(np.mean(iou))}
             pair_iou.append(iou)
     out["agreement"]["pairs"] = pairs
     if pair_iou:
-        min_iou = np.min(np.stack(pair_iou), axis=0)
-        agree = min_iou >= 0.5
+        agree = np.min(np.stack(pair_iou), axis=0) >= 0.5
         correct = ex.pred == ex.labels
         out["agreement"].update({
             "rule": "all pairwise top-20% IoU >= 0.5",
@@ -567,111 +415,32 @@ def explanation_metrics(config, model, variables, ex: Explained) -> dict[str, An
 # --------------------------------------------------------------------------------------
 
 
-def _figure(nrows: int, ncols: int, w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, np.asarray(fig.subplots(nrows, ncols, squeeze=False))
-
-
-def confusion_figure(matrix, class_names: Sequence[str], title: str):
-    m = np.asarray(matrix)
-    k = len(class_names)
-    fig, axes = _figure(1, 1, 1.2 + 0.8 * k, 1.0 + 0.7 * k)
-    ax = axes[0, 0]
-    ax.imshow(m, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center",
-                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=9)
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), class_names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=10)
-    return fig
-
-
-def curves_figure(history: list[dict]):
-    fig, axes = _figure(1, 2, 9, 3.4)
-    epochs = [h["epoch"] for h in history]
-    axes[0, 0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    axes[0, 0].plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    axes[0, 0].set_title("loss")
-    axes[0, 1].plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
-    axes[0, 1].plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
-    axes[0, 1].plot(epochs, [h["val_balanced_accuracy"] for h in history], "s--",
-                    label="validation (balanced)")
-    axes[0, 1].set_title("accuracy")
-    for ax in axes[0]:
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    return fig
-
-
-def signed_map(heat: np.ndarray, malignant_pred: bool) -> np.ndarray:
-    """Evidence for the predicted class, signed by its group: ``+map`` for a malignant
-    prediction (drawn red), ``-map`` for a benign one (blue); in ``[-1, 1]``."""
-    return heat if malignant_pred else -heat
-
-
 def explanation_figure(ex: Explained, i: int, class_names, malignant, signed: bool):
     """Original | each method; rows: heatmap, overlay (and signed overlay)."""
     from jaxcam import viz
 
-    labels = list(ex.maps)
-    rows = 3 if signed and malignant is not None else 2
-    fig, axes = _figure(rows, len(labels) + 1, 2.0 * (len(labels) + 1), 2.1 * rows + 0.4)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    image = ex.images01[i]
-    axes[0, 0].imshow(image)
-    axes[0, 0].set_title("original", fontsize=9)
-    if ex.masks is not None:
-        axes[1, 0].imshow(image)
-        axes[1, 0].contour(ex.masks[i], levels=[0.5], colors="lime", linewidths=1)
-        axes[1, 0].set_title("lesion mask", fontsize=9)
     pred = int(ex.pred[i])
-    for j, label in enumerate(labels, start=1):
-        heat = ex.maps[label][i]
-        axes[0, j].imshow(viz.colorize(heat))
-        axes[0, j].set_title(label, fontsize=9)
-        axes[1, j].imshow(viz.overlay(image, heat))
-        if rows == 3:
-            axes[2, j].imshow(viz.signed_overlay(image, signed_map(heat, malignant[pred])))
-    if rows == 3:
-        axes[2, 0].imshow(image)
-        axes[2, 0].set_title("signed evidence\n(red: malignant, blue: benign)", fontsize=8)
     group = "" if malignant is None else (" (malignant)" if malignant[pred] else " (benign)")
-    fig.suptitle(f"true: {class_names[int(ex.labels[i])]} | predicted: {class_names[pred]}"
-                 f"{group}, p={ex.probs[i, pred]:.2f}", fontsize=10)
-    return fig
+    return viz.explanation_panels(
+        ex.images01[i], {label: m[i] for label, m in ex.maps.items()},
+        mask=None if ex.masks is None else ex.masks[i],
+        positive=bool(malignant[pred]) if signed and malignant is not None else None,
+        title=f"true: {class_names[int(ex.labels[i])]} | predicted: {class_names[pred]}"
+              f"{group}, p={ex.probs[i, pred]:.2f}")
 
 
 def write_gif(path: Path, ex: Explained, label: str, class_names, malignant, count: int,
               size: int = 160) -> str:
     """Frames: original | overlay of ``label``'s map (signed when malignancy is known)."""
-    from PIL import Image
-
     from jaxcam import viz
 
     frames, captions = [], []
     for i in range(min(count, len(ex.labels))):
         pred = int(ex.pred[i])
-        image = ex.images01[i]
-        heat = ex.maps[label][i]
-        if malignant is not None:
-            ov = viz.signed_overlay(image, signed_map(heat, malignant[pred]))
-            group = "malignant" if malignant[pred] else "benign"
-        else:
-            ov = viz.overlay(image, heat)
-            group = ""
-        pair = np.concatenate([viz.overlay(image, heat, alpha=0.0), ov], axis=1)
-        pair = np.asarray(Image.fromarray(pair).resize((2 * size, size), Image.BILINEAR))
-        frames.append(pair)
+        positive = None if malignant is None else bool(malignant[pred])
+        frames.append(viz.overlay_pair(ex.images01[i], ex.maps[label][i], positive=positive,
+                                       size=size))
+        group = "" if positive is None else ("malignant" if positive else "benign")
         captions.append(f"pred {class_names[pred]} {group} (true {class_names[int(ex.labels[i])]})")
     return viz.save_gif(path, frames, captions=captions, duration_ms=900)
 
@@ -681,14 +450,11 @@ def write_gif(path: Path, ex: Explained, label: str, class_names, malignant, cou
 # --------------------------------------------------------------------------------------
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
 def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data: Data,
                  results: dict[str, Any]) -> None:
     """``report.md`` and ``metrics.json`` from the collected results."""
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2,
+                                                 default=report.json_default))
     train_r, test_r = results["train"], results["test"]
     names = data.class_names
     lines = [f"# {spec.title}: fine-tuning and CAM explanations", ""]
@@ -701,9 +467,8 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
         ]
     else:
         lines += [f"Dataset: {spec.title} from `{config.data_dir}`.", ""]
-    lines += ["## Setup", "", "| option | value |", "|---|---|"]
-    for k, v in dataclasses.asdict(config).items():
-        lines.append(f"| {k} | `{v}` |")
+    lines += ["## Setup", "", *report.table(["option", "value"], (
+        (k, f"`{v}`") for k, v in dataclasses.asdict(config).items()))]
     sizes = results["data"]["split_sizes"]
     lines += ["", f"Splits: train {sizes['train']}, validation {sizes['validation']}, "
               f"test {sizes['test']} images. Training took {results['timing']['train_s']:.0f} s "
@@ -711,39 +476,34 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
               f"{results['training']['best_epoch']}).", ""]
     lines += ["## Classification", ""]
     head = ["metric", "ours"] + ([] if config.synthetic else ["reference"])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = [
         ("train accuracy", train_r["accuracy"], "train_accuracy"),
         ("test accuracy", test_r["accuracy"], "test_accuracy"),
         ("test balanced accuracy", test_r["balanced_accuracy"], "test_balanced_accuracy"),
         ("test macro F1", test_r["macro"]["f1"], "test_macro_f1"),
         ("test weighted F1", test_r["weighted"]["f1"], "test_weighted_f1"),
+        ("test quadratic weighted kappa", test_r["kappa"], "test_kappa"),
     ]
-    for label, ours, key in rows:
-        cells = [label, _pct(ours) if "F1" not in label else f"{ours:.3f}"]
-        if not config.synthetic:
-            ref = spec.reference.get(key)
-            cells.append("" if ref is None else (f"{ref:.3f}" if "F1" in label else _pct(ref)))
-        lines.append("| " + " | ".join(cells) + " |")
-    kappa_cells = ["test quadratic weighted kappa", f"{test_r['kappa']:.3f}"]
-    if not config.synthetic:
-        ref = spec.reference.get("test_kappa")
-        kappa_cells.append("" if ref is None else f"{ref:.3f}")
-    lines.append("| " + " | ".join(kappa_cells) + " |")
+
+    def cell(label: str, v: float | None) -> str:
+        plain = "F1" in label or "kappa" in label
+        return "" if v is None else (f"{v:.3f}" if plain else _pct(v))
+
+    lines += report.table(head, ([label, cell(label, ours)] + (
+        [] if config.synthetic else [cell(label, spec.reference.get(key))])
+        for label, ours, key in rows))
     if not config.synthetic:
         lines += ["", f"Reference: {spec.reference_source}."]
     lines += ["", f"Chance level (uniform guess): {_pct(1 / len(names))}; majority class: "
               f"{_pct(max(test_r['per_class']['support']) / max(test_r['total'], 1))}.", ""]
-    lines += ["### Per class (test)", "", "| class | precision | recall | F1 | support |",
-              "|---|---|---|---|---|"]
     pc = test_r["per_class"]
-    for c, name in enumerate(names):
-        lines.append(f"| {name} | {pc['precision'][c]:.3f} | {pc['recall'][c]:.3f} | "
-                     f"{pc['f1'][c]:.3f} | {pc['support'][c]} |")
-    for avg in ("macro", "weighted"):
-        r = test_r[avg]
-        lines.append(f"| *{avg} avg* | {r['precision']:.3f} | {r['recall']:.3f} | "
-                     f"{r['f1']:.3f} | {test_r['total']} |")
+    scores = [(name, pc["precision"][c], pc["recall"][c], pc["f1"][c], pc["support"][c])
+              for c, name in enumerate(names)] + [
+        (f"*{avg} avg*", test_r[avg]["precision"], test_r[avg]["recall"], test_r[avg]["f1"],
+         test_r["total"]) for avg in ("macro", "weighted")]
+    lines += ["### Per class (test)", "", *report.table(
+        ["class", "precision", "recall", "F1", "support"],
+        ([n, f"{p:.3f}", f"{r:.3f}", f"{f:.3f}", k] for n, p, r, f, k in scores))]
     lines += ["", "![confusion matrix](confusion_matrix.png)", "",
               "![training curves](training_curves.png)", ""]
     exm = results.get("explanations")
@@ -768,14 +528,11 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
             has_masks = "random_baseline_pointing" in exm["metrics"]
             head = ["method"] + (["pointing game", "energy pointing game"] if has_masks else [])
             head += ["average drop", "increase in confidence"]
-            lines += ["", "### Localization and faithfulness", "",
-                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            for label, row in per.items():
-                cells = [label]
-                if has_masks:
-                    cells += [_pct(row["pointing_game"]), f"{row['energy_pointing_game']:.3f}"]
-                cells += [_pct(row["average_drop"]), _pct(row["increase_in_confidence"])]
-                lines.append("| " + " | ".join(cells) + " |")
+            lines += ["", "### Localization and faithfulness", "", *report.table(head, (
+                [label] + ([_pct(row["pointing_game"]), f"{row['energy_pointing_game']:.3f}"]
+                           if has_masks else [])
+                + [_pct(row["average_drop"]), _pct(row["increase_in_confidence"])]
+                for label, row in per.items()))]
             if has_masks:
                 lines += ["", "Pointing game: the map's maximum falls inside the lesion mask. "
                           "Random baseline (a uniformly random point): "
@@ -787,10 +544,10 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
                       "confidence: share of images where it rises (Chattopadhyay et al. 2018)."]
         agr = exm["metrics"]["agreement"]
         if agr.get("pairs"):
-            lines += ["", "### Method agreement", "", "| pair | Spearman | top-20% IoU |",
-                      "|---|---|---|"]
-            for pair, v in agr["pairs"].items():
-                lines.append(f"| {pair} | {v['spearman']:.3f} | {v['top20_iou']:.3f} |")
+            lines += ["", "### Method agreement", "", *report.table(
+                ["pair", "Spearman", "top-20% IoU"],
+                ([pair, f"{v['spearman']:.3f}", f"{v['top20_iou']:.3f}"]
+                 for pair, v in agr["pairs"].items()))]
             if "agree_count" in agr:
                 lines += ["", f"Images where all methods agree ({agr['rule']}): "
                           f"{agr['agree_count']}, accuracy {_pct(agr['accuracy_agree'])}; "
@@ -812,16 +569,6 @@ def write_report(out: Path, spec: ExperimentSpec, config: ExperimentConfig, data
               "Wall-clock seconds per phase; `cpu_s` is the process CPU time over all "
               "threads (on an otherwise idle machine, wall time is about cpu_s / cores).", ""]
     (out / "report.md").write_text("\n".join(lines))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 # --------------------------------------------------------------------------------------
@@ -849,23 +596,31 @@ def run(config: ExperimentConfig, spec: ExperimentSpec) -> dict[str, Any]:
     data = load_data(config, spec, out)
     timing["data_s"] = time.perf_counter() - t0
     num_classes = len(data.class_names)
-    model, variables, replaced = build_model(config, num_classes)
+    model, variables, replaced = train.init_model(config.arch, num_classes,
+                                                  image_size=config.image_size,
+                                                  seed=config.seed, pretrained=config.pretrained)
     layer = explained_layer(model, variables, config.image_size, config.layer)
 
     t = time.perf_counter()
     predict_fn = train.make_predict_fn(model)  # one compiled forward pass for every split
-    result, counts = train_model(config, spec, data, model, variables, out, predict_fn)
+    result, counts = train.fit_sources(
+        model, variables, data.splits["train"], data.splits["validation"],
+        train_config(config, spec), out / "checkpoints", image_size=config.image_size,
+        class_names=data.class_names, balanced=config.balanced, progress=config.progress,
+        predict_fn=predict_fn)
     timing["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    reports = {s: evaluate_split(config, model, result.variables, data.splits[s], num_classes,
-                                 predict_fn) for s in ("train", "test")}
+    reports = {s: train.evaluate_source(model, result.variables, data.splits[s], num_classes,
+                                        image_size=config.image_size,
+                                        batch_size=config.batch_size, seed=config.seed,
+                                        predict_fn=predict_fn) for s in ("train", "test")}
     timing["evaluate_s"] = time.perf_counter() - t
     test_r = reports["test"]
-    viz.save_figure(confusion_figure(test_r["confusion_matrix"], data.class_names,
-                                     f"test, accuracy {_pct(test_r['accuracy'])}"),
+    viz.save_figure(viz.confusion_figure(test_r["confusion_matrix"], data.class_names,
+                                         f"test, accuracy {_pct(test_r['accuracy'])}"),
                     out / "confusion_matrix.png")
-    viz.save_figure(curves_figure(result.history), out / "training_curves.png")
+    viz.save_figure(viz.training_curves_figure(result.history), out / "training_curves.png")
     print(f"train accuracy {_pct(reports['train']['accuracy'])} | test accuracy "
           f"{_pct(test_r['accuracy'])} | balanced {_pct(test_r['balanced_accuracy'])} | "
           f"macro F1 {test_r['macro']['f1']:.3f} | kappa {test_r['kappa']:.3f}", flush=True)

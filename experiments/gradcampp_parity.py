@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     import torch
-    import torchvision
     from pytorch_grad_cam import GradCAMPlusPlus
 
     import jaxcam
@@ -41,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             aij = np.where((grads != 0) & (den != 0), g2 / np.where(den != 0, den, 1), 0)
             return (np.maximum(grads, 0) * aij).sum(axis=(2, 3))
 
-    torch.manual_seed(0)
-    net = torchvision.models.resnet50().eval()
+    net, model, variables = jaxcam.weights.random_torchvision("resnet50", 1000, seed=0)
     x = np.random.default_rng(0).normal(size=(a.batch, a.image_size, a.image_size, 3))
     x = x.astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -52,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxcam import methods
 
-    model, variables = jaxcam.weights.load_torchvision(net.state_dict(), "resnet50")
     # S_c ~ 83 at 224 px: explain's closed form carries the factor e^{S_c}, at float32's
     # limit (raw maps ~2e38; issue 14); the scale-free line below does not
     ex = jaxcam.explain(model, variables, x, method="gradcam++", derivatives="closed_form")

@@ -24,7 +24,6 @@ same generator with their own seeds, so each lesion's mask is exact. Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -98,25 +97,9 @@ _HELP = {
 
 
 def parse_config(argv: Sequence[str] | None) -> LocalizationConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.localization",
+    args = common.explicit_options(
+        LocalizationConfig, argv, _HELP, prog="python -m experiments.localization",
         description="Multi-lesion localization of CAM methods on the synthetic set.")
-    for field in dataclasses.fields(LocalizationConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
-        if field.name == "progress":
-            parser.add_argument("--no-progress", dest="progress", action="store_false",
-                                default=None, help="hide progress bars")
-        elif kind == "bool":
-            parser.add_argument(flag, dest=field.name, action="store_true", default=None,
-                                help=_HELP.get(field.name))
-        else:
-            conv = int if "int" in kind else float if "float" in kind else str
-            parser.add_argument(flag, dest=field.name, type=conv, default=None,
-                                help=_HELP.get(field.name, f"default {field.default!r}"))
-    compilation.add_compilation_cache_option(parser)  # read by main (enable_from_argv)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    args.pop("compilation_cache", None)
     base = LocalizationConfig()
     if args.get("tiny"):
         base = dataclasses.replace(base, **TINY)
@@ -186,9 +169,11 @@ def get_model(config: LocalizationConfig, out: Path):
 
 
 def train_on_multi(config: LocalizationConfig, model, variables, out: Path):
-    """Train on the ``multi`` synthetic configuration (experiments.common.train_on_synthetic)."""
-    return common.train_on_synthetic(
-        model, variables, out, arch=config.arch, synthetic_config="multi",
+    """Train on the ``multi`` synthetic configuration (:func:`jaxcam.train.train_on_synthetic`)."""
+    from jaxcam import train
+
+    return train.train_on_synthetic(
+        model, variables, out, synthetic_config="multi",
         num_train=config.num_train, image_size=config.image_size, epochs=config.epochs,
         batch_size=config.batch_size, learning_rate=config.learning_rate, seed=config.seed,
         cache_dir=config.cache_dir, progress=config.progress).variables
@@ -200,19 +185,12 @@ def train_on_multi(config: LocalizationConfig, model, variables, out: Path):
 
 
 def eval_images(config: LocalizationConfig, image_size: int):
-    """Fresh multi-lesion images: (uint8 images (N,S,S,3), labels (N,), instance ids (N,S,S))."""
+    """Fresh multi-lesion images (:func:`jaxcam.data.synthetic.held_out_images`): uint8
+    images (N,S,S,3), labels (N,), instance ids (N,S,S)."""
     from jaxcam.data import synthetic
 
     cfg = synthetic.SyntheticConfig(**_image_fields(image_size))
-    images, labels, ids = [], [], []
-    for i in range(config.num_images):
-        rng = np.random.default_rng([config.seed, EVAL_SEED_TAG, i])
-        scene = synthetic.sample_scene(rng, cfg, label=i % synthetic.NUM_CLASSES)
-        image, inst = synthetic.render(scene, cfg)
-        images.append(np.round(image * 255.0).astype(np.uint8))  # as make_image stores it
-        labels.append(scene.label)
-        ids.append(inst)
-    return np.stack(images), np.asarray(labels, np.int32), np.stack(ids)
+    return synthetic.held_out_images(cfg, config.num_images, config.seed, EVAL_SEED_TAG)
 
 
 # --------------------------------------------------------------------------------------
@@ -237,17 +215,14 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
-    import jaxcam
-    from jaxcam import metrics
+    from jaxcam import distributed, metrics
+    from jaxcam.dataset_explain import explain_groups
     from jaxcam.preprocessing import normalize
 
     layer = common.explained_layer(model, variables, prep.image_size, config.layer)
     method_layers, skipped = common.available_methods(METHOD_LABELS, model, variables, layer,
                                                       METHOD_LABELS)
-    # one explain call per (derivatives, layer): methods in a call share the forward pass
-    groups: dict[tuple[str, str], list[str]] = {}
-    for lab, at in method_layers.items():
-        groups.setdefault((METHOD_LABELS[lab][1], at), []).append(lab)
+    triples = {lab: (*METHOD_LABELS[lab], at) for lab, at in method_layers.items()}
 
     n, s = len(labels), images_u8.shape[1]
     max_inst = int(ids.max()) if ids.size else 1
@@ -277,37 +252,24 @@ def run_study(config: LocalizationConfig, model, variables, prep, images_u8, lab
     t_explain = t_metrics = 0.0
     bar = tqdm(total=n, desc="localization", disable=not config.progress, leave=False)
     for start in range(0, n, bs):
-        k = min(bs, n - start)
-        sl = slice(start, start + k)
-
-        def pad(a, k=k):  # one compiled batch shape: repeat the last image
-            return np.concatenate([a, np.repeat(a[-1:], bs - k, 0)]) if k < bs else a
-
-        x = pad(x_all[sl])
-        # class_idx=None explains each image's prediction (explain takes the argmax)
-        cls = pad(labels[sl]) if config.explain_class == "label" else None
-        batch_maps: dict[str, np.ndarray] = {}
-        batch_pred = None
+        sl = slice(start, start + bs)
+        # one compiled batch shape: the last batch repeats its last image
+        (x, cls, masks, inst_masks), k = distributed.pad_batch(
+            (x_all[sl], labels[sl], union[sl], inst[sl]), bs)
         t0 = time.perf_counter()
-        for (derivatives, at), labs in groups.items():
-            names = [METHOD_LABELS[lab][0] for lab in labs]
-            exs = jaxcam.explain(model, variables, x, method=names, layer=at,
-                                 class_idx=cls, derivatives=derivatives)
-            first = exs[names[0]]
-            if cls is None:
-                cls = np.asarray(first.class_idx)
-            if batch_pred is None:  # the logits do not depend on the method
-                batch_pred = np.asarray(jnp.argmax(first.logits, -1))[:k]
-            for lab, name in zip(labs, names, strict=True):
-                batch_maps[lab] = np.asarray(exs[name].maps)
-                if at == layer:
-                    raw_shape = exs[name].raw.shape[1:]
-        preds.append(batch_pred)
+        # class_idx=None explains each image's prediction (explain takes the argmax)
+        exs = explain_groups(model, variables, x, triples,
+                             class_idx=cls if config.explain_class == "label" else None)
+        first = next(iter(exs.values()))
+        cls = np.asarray(first.class_idx)
+        preds.append(np.asarray(jnp.argmax(first.logits, -1))[:k])  # logits: any method's
+        batch_maps = {lab: np.asarray(e.maps) for lab, e in exs.items()}
+        raw_shape = next(e.raw.shape[1:] for lab, e in exs.items() if triples[lab][2] == layer)
         batch_maps[RANDOM_LABEL] = smooth_random_maps(rng, bs, raw_shape, s)
         t_explain += time.perf_counter() - t0
         t0 = time.perf_counter()
         for lab, m in batch_maps.items():
-            out = score_batch(variables, x, m, cls, pad(union[sl]), pad(inst[sl]))
+            out = score_batch(variables, x, m, cls, masks, inst_masks)
             row = per.setdefault(lab, {})
             for key, v in out.items():
                 row.setdefault(key, []).append(np.asarray(v)[:k])
@@ -330,8 +292,8 @@ def summarize(arrays: dict[str, dict[str, np.ndarray]], energy_share: float) -> 
     """Per-method numbers (percentages) from the per-image arrays."""
     from jaxcam import metrics
 
-    drops = {lab: np.maximum(0.0, a["y"] - a["o"]) / a["y"] for lab, a in arrays.items()
-             if lab != RANDOM_LABEL}
+    drops = {lab: metrics.drop(metrics.ConfidenceScores(a["y"], a["o"]))
+             for lab, a in arrays.items() if lab != RANDOM_LABEL}
     wins = ({lab: float(v) for lab, v in
              metrics.win_percentage(drops, tie_tolerance=WIN_TIE_TOLERANCE).items()}
             if len(drops) >= 2 else {})
@@ -347,7 +309,8 @@ def summarize(arrays: dict[str, dict[str, np.ndarray]], energy_share: float) -> 
             "lesions_with_energy": 100 * float(((a["shares"] >= energy_share) & valid).sum()
                                                / max(n_inst, 1)),
             "images_all_lesions_peaked": 100 * float(np.mean(all_found)),
-            "average_drop": 100 * float(np.mean(np.maximum(0.0, a["y"] - a["o"]) / a["y"])),
+            "average_drop": 100 * float(np.mean(metrics.drop(metrics.ConfidenceScores(
+                a["y"], a["o"])))),
             "increase_in_confidence": 100 * float(np.mean(a["y"] < a["o"])),
             "win": wins.get(lab),
             "num_lesions": n_inst,
@@ -403,25 +366,12 @@ def examples_figure(images_u8, ids, maps: dict[str, np.ndarray], labels, class_n
 
 
 def metrics_figure(summary: dict[str, dict], energy_share: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from jaxcam import viz
 
-    keys = ["pointing_game", "energy_pointing_game", "lesions_with_peak", "lesions_with_energy"]
-    names = ["pointing game", "energy PG", "lesions with a peak",
-             f"lesions with >= {energy_share:.0%} energy"]
-    fig = Figure(figsize=(2.0 + 1.3 * len(summary), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    width = 0.8 / len(keys)
-    pos = np.arange(len(summary))
-    for i, (key, name) in enumerate(zip(keys, names, strict=True)):
-        ax.bar(pos + i * width, [row[key] for row in summary.values()], width, label=name)
-    ax.set_xticks(pos + 0.4 - width / 2, list(summary), rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    return fig
+    series = {"pointing_game": "pointing game", "energy_pointing_game": "energy PG",
+              "lesions_with_peak": "lesions with a peak",
+              "lesions_with_energy": f"lesions with >= {energy_share:.0%} energy"}
+    return viz.grouped_bar_figure(summary, series, ylabel="%", ylim=(0, 100))
 
 
 # --------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "dataset_explain": ("jaxcam.dataset_explain", None),
     "loading": ("jaxcam.loading", None),
     "compilation": ("jaxcam.compilation", None),
+    "timing": ("jaxcam.timing", None),
+    "report": ("jaxcam.report", None),
+    "testing": ("jaxcam.testing", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),
@@ -45,6 +48,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "enable_compilation_cache": ("jaxcam.compilation", "enable_compilation_cache"),
     "explain_dataset": ("jaxcam.dataset_explain", "explain_dataset"),
     "explain_batches": ("jaxcam.dataset_explain", "explain_batches"),
+    "explain_groups": ("jaxcam.dataset_explain", "explain_groups"),
     "load_explanations": ("jaxcam.dataset_explain", "load_explanations"),
 }
 

@@ -108,6 +108,37 @@ class ExplainedBatch:
         return np.asarray(distributed.local_rows(array))[: self.rows]
 
 
+def explain_groups(
+    model: Any,
+    variables: Mapping[str, Any],
+    x: Any,
+    methods: Mapping[str, tuple[str, str, str]],
+    *,
+    class_idx: Any = None,
+    **explain_kwargs: Any,
+) -> dict[str, Any]:
+    """Explain images ``x (B, H, W, 3)`` with labelled ``{label: (method, derivatives,
+    layer)}``: one ``jaxcam.explain`` call per ``(derivatives, layer)``, whose methods
+    share the forward pass and the derivatives. Returns ``{label: Explanation}`` in the
+    order of ``methods``. With ``class_idx`` None the first call explains each image's
+    prediction and the later calls explain the same classes (no re-ranking of near ties).
+    """
+    from jaxcam.explanation import explain
+
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for label, (name, derivatives, layer) in methods.items():
+        groups.setdefault((derivatives, layer), []).append((label, name))
+    out: dict[str, Any] = {}
+    for (derivatives, layer), members in groups.items():
+        exs = explain(model, variables, x, method=[name for _, name in members], layer=layer,
+                      derivatives=derivatives, class_idx=class_idx, **explain_kwargs)
+        for label, name in members:
+            out[label] = exs[name]
+        if class_idx is None:
+            class_idx = out[members[0][0]].class_idx
+    return {label: out[label] for label in methods}
+
+
 def explain_batches(
     model: Any,
     variables: Mapping[str, Any],

@@ -39,7 +39,7 @@ sharding, not speed.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -137,6 +137,21 @@ def pad_batch(batch: Any, multiple: int) -> tuple[Any, int]:
         return np.concatenate([leaf, *reps], axis=0)
 
     return jax.tree_util.tree_map(pad, batch), n
+
+
+def map_padded(fn: Callable[..., Any], arrays: Sequence[Any], batch_size: int) -> Any:
+    """``fn(*chunk)`` over consecutive chunks of ``batch_size`` rows of ``arrays`` (same
+    leading size ``N``), the last chunk padded by :func:`pad_batch` so that ``fn`` sees
+    one shape (and a jitted ``fn`` compiles once); returns ``fn``'s output pytree with
+    the valid rows of every chunk concatenated (numpy, leading size ``N``)."""
+    n = _leading_sizes(tuple(arrays))[0]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    outs = []
+    for start in range(0, n, batch_size):
+        chunk, k = pad_batch(tuple(a[start:start + batch_size] for a in arrays), batch_size)
+        outs.append(jax.tree.map(lambda v, k=k: np.asarray(v)[:k], fn(*chunk)))
+    return jax.tree.map(lambda *vs: np.concatenate(vs), *outs)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

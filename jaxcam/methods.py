@@ -368,6 +368,22 @@ def scorecam_weights(
     return jax.nn.softmax(scores.T, axis=-1)
 
 
+def placement(name: str, model: Any, variables: Any, layer: str) -> tuple[str | None, str | None]:
+    """Where method ``name`` can run on ``model`` asked for at ``layer``:
+    ``(layer it runs at, None)`` or ``(None, why it cannot run)``.
+
+    Every method runs at ``layer`` except those that need the linear head (CAM),
+    which exist only at a global-average-pool + dense head: at ``layer`` if that is
+    one, else at the model's default layer if that is one, else nowhere.
+    """
+    if "linear_head" not in get(name).needs or model.linear_head(variables, layer) is not None:
+        return layer, None
+    if model.linear_head(variables, model.default_layer) is not None:
+        return model.default_layer, None
+    return None, (f"{model.arch} has no global-average-pool + dense head at {layer} or "
+                  f"{model.default_layer}")
+
+
 # --------------------------------------------------------------------------- records
 
 

@@ -727,3 +727,129 @@ def batches_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool =
     if drop_remainder:
         return num_examples // batch_size
     return math.ceil(num_examples / batch_size)
+
+
+# ---------------------------------------------------------------- fine-tuning on TFDS splits
+
+
+def init_model(arch: str, num_classes: int, *, image_size: int, seed: int = 0,
+               pretrained: str | None = None, verbose: bool = True):
+    """``(model, variables, replaced)``: ``jaxcam.models.get(arch, num_classes)``
+    initialised for ``image_size`` px, or fine-tuning from the torchvision / jaxcam
+    weights file ``pretrained`` (its classifier re-initialised for ``num_classes``;
+    ``replaced`` lists the re-initialised tensors, :func:`transfer_variables`).
+    ValueError when ``image_size`` is below the architecture's minimum."""
+    import jaxcam
+
+    model = jaxcam.models.get(arch, num_classes)
+    min_size = getattr(model, "min_image_size", 32)
+    if image_size < min_size:
+        raise ValueError(f"--image-size {image_size} is below the {arch} minimum of "
+                         f"{min_size} px.")
+    variables = model.init(jax.random.PRNGKey(seed), image_size=image_size)
+    replaced: list[str] = []
+    if pretrained:
+        loaded = jaxcam.load(pretrained, arch=arch)
+        variables, replaced = transfer_variables(loaded.variables, variables)
+        if verbose:
+            print(f"Fine-tuning from {pretrained}: new classifier for {num_classes} "
+                  f"classes ({len(replaced)} tensors re-initialised).", flush=True)
+    return model, variables, replaced
+
+
+def fit_sources(
+    model,
+    variables: Mapping,
+    train_source,
+    val_source,
+    config: TrainConfig,
+    workdir: str | Path,
+    *,
+    image_size: int,
+    class_names: Sequence[str],
+    balanced: bool = False,
+    progress: bool = True,
+    predict_fn: Callable | None = None,
+) -> tuple[TrainResult, np.ndarray]:
+    """:func:`fit` on random-access TFDS splits (``jaxcam.data.load``): training batches
+    from ``train_source`` at ``image_size`` px (class-balanced sampling with
+    ``balanced``), validation on ``val_source``, the ImageNet preprocessing that
+    ``jaxcam.data.batches`` applies. Returns ``(result, class_counts)``, the training
+    split's label counts ``(num_classes,)``. ValueError when the batch is larger than
+    the training split."""
+    from jaxcam import data as jdata
+    from jaxcam.data.pipeline import source_labels
+    from jaxcam.preprocessing import Preprocessing
+
+    n_train, bs = len(train_source), config.batch_size
+    if bs > n_train:
+        raise ValueError(f"--batch-size {bs} is larger than the training split "
+                         f"({n_train} images); lower --batch-size.")
+    labels = source_labels(train_source)
+    counts = np.bincount(labels, minlength=len(class_names))
+
+    def train_batches(epoch: int, start_step: int):
+        return jdata.batches(train_source, bs, image_size, train=True, seed=config.seed,
+                             epoch=epoch, start_step=start_step, balanced=balanced,
+                             labels=labels)
+
+    def eval_batches():
+        return jdata.batches(val_source, bs, image_size, train=False, seed=config.seed,
+                             drop_remainder=False)
+
+    result = fit(
+        model, variables, train_batches, batches_per_epoch(n_train, bs), config,
+        Path(workdir), eval_batches=eval_batches, class_counts=counts, progress=progress,
+        predict_fn=predict_fn, class_names=class_names,
+        # what jdata.batches does: resize straight to image_size, ImageNet mean/std
+        preprocessing=Preprocessing(image_size=image_size, resize_size=None),
+    )
+    return result, counts
+
+
+def evaluate_source(model, variables: Mapping, source, num_classes: int, *, image_size: int,
+                    batch_size: int, seed: int = 0, predict_fn: Callable | None = None
+                    ) -> dict[str, Any]:
+    """Classification report of a random-access split (every image, in order):
+    :func:`jaxcam.metrics.classification_report` of the argmax predictions plus
+    ``"kappa"`` (:func:`jaxcam.metrics.quadratic_weighted_kappa`)."""
+    from jaxcam import data as jdata
+
+    out = predict(model, variables,
+                  jdata.batches(source, batch_size, image_size, train=False, seed=seed,
+                                drop_remainder=False), batch_size, predict_fn)
+    pred = np.argmax(out["logits"], -1)
+    report = classification.classification_report(out["label"], pred, num_classes)
+    report["kappa"] = classification.quadratic_weighted_kappa(out["label"], pred, num_classes)
+    return report
+
+
+def train_on_synthetic(model, variables: Mapping, workdir: str | Path, *,
+                       synthetic_config: str = "default", num_train: int, image_size: int,
+                       epochs: int, batch_size: int, learning_rate: float, seed: int = 0,
+                       cache_dir: str | None = None, progress: bool = True) -> TrainResult:
+    """Train ``model`` briefly on a synthetic lesion configuration (``"default"``: one
+    lesion per image, or ``"multi"``), to get a model that has learned something.
+
+    Builds (cached) ``num_train`` training and ``max(1, num_train // 10)`` validation
+    images at ``image_size`` into ``cache_dir`` (default ``workdir/tfds``), trains with
+    :func:`fit_sources` (checkpoints in ``workdir/checkpoints``: rerunning resumes) and
+    returns the :class:`TrainResult` (best-epoch ``variables``, ``history`` with
+    ``val_accuracy``).
+    """
+    from jaxcam import data as jdata
+
+    name = "synthetic_lesions"
+    builder_config = {"config": synthetic_config, "num_train": num_train,
+                      "num_validation": max(1, num_train // 10), "num_test": 1,
+                      "image_size": image_size, "seed": seed}
+    cache = str(Path(cache_dir) if cache_dir else Path(workdir) / "tfds")
+    splits = jdata.build_splits(name, cache, ("train", "validation"), progress=progress,
+                                **builder_config)
+    config = TrainConfig(epochs=epochs, batch_size=min(batch_size, num_train),
+                         learning_rate=learning_rate, seed=seed, checkpoint_every=100)
+    result, _ = fit_sources(model, variables, splits["train"], splits["validation"], config,
+                            Path(workdir) / "checkpoints", image_size=image_size,
+                            class_names=jdata.info(name).display_names,
+                            progress=progress)
+    return result

@@ -302,6 +302,135 @@ def side_by_side(
     return fig
 
 
+def signed_map(heatmap, positive: bool) -> np.ndarray:
+    """Evidence for a predicted class, signed by its group: ``+map`` when the class is
+    in the positive group (e.g. malignant, drawn red by :func:`signed_overlay`),
+    ``-map`` otherwise (benign, blue); ``(H, W)`` in ``[-1, 1]`` for a map in ``[0, 1]``."""
+    heat = np.asarray(heatmap)
+    return heat if positive else -heat
+
+
+def explanation_panels(
+    image,
+    maps: Mapping[str, object],
+    *,
+    mask=None,
+    positive: bool | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One image explained by several methods: columns the image, then one per method
+    (titled by the keys of ``maps``, ``(H, W)`` heatmaps in ``[0, 1]``); rows the
+    heatmap alone, its overlay on the image, and, when ``positive`` is given, the
+    overlay of :func:`signed_map` (red: positive group, blue: negative). ``mask``
+    ``(H, W)`` outlines the ground truth (lime) on the image in the second row."""
+    labels = list(maps)
+    rows = 2 if positive is None else 3
+    cols = len(labels) + 1
+    fig = Figure(figsize=(2.0 * cols, 2.1 * rows + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("original", fontsize=9)
+    if mask is not None:
+        axes[1, 0].imshow(image)
+        axes[1, 0].contour(np.asarray(mask), levels=[0.5], colors="lime", linewidths=1)
+        axes[1, 0].set_title("lesion mask", fontsize=9)
+    for j, label in enumerate(labels, start=1):
+        heat = np.asarray(maps[label])
+        axes[0, j].imshow(colorize(heat))
+        axes[0, j].set_title(label, fontsize=9)
+        axes[1, j].imshow(overlay(image, heat))
+        if positive is not None:
+            axes[2, j].imshow(signed_overlay(image, signed_map(heat, positive)))
+    if positive is not None:
+        axes[2, 0].imshow(image)
+        axes[2, 0].set_title("signed evidence\n(red: malignant, blue: benign)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def confusion_figure(matrix, class_names: Sequence[str], title: str = "") -> Figure:
+    """A ``(K, K)`` confusion matrix (rows true, columns predicted) with its counts."""
+    m = np.asarray(matrix)
+    k = len(class_names)
+    if m.shape != (k, k):
+        raise ValueError(f"confusion matrix {m.shape} does not match {k} class names.")
+    fig = Figure(figsize=(1.2 + 0.8 * k, 1.0 + 0.7 * k), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(m, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center",
+                    color="white" if m[i, j] > m.max() / 2 else "black", fontsize=9)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def training_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
+    """Loss and accuracy per epoch from :class:`jaxcam.train.TrainResult` ``history``
+    (entries with ``epoch``, ``train_loss``, ``val_loss``, ``train_accuracy``,
+    ``val_accuracy``, ``val_balanced_accuracy``)."""
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss, acc = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    series = ((loss, "train_loss", "o-", "train"), (loss, "val_loss", "o-", "validation"),
+              (acc, "train_accuracy", "o-", "train"), (acc, "val_accuracy", "o-", "validation"),
+              (acc, "val_balanced_accuracy", "s--", "validation (balanced)"))
+    for ax, key, style, label in series:
+        ax.plot(epochs, [h[key] for h in history], style, label=label)
+    loss.set_title("loss")
+    acc.set_title("accuracy")
+    for ax in (loss, acc):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def grouped_bar_figure(
+    rows: Mapping[str, Mapping[str, float]],
+    series: Mapping[str, str],
+    *,
+    ylabel: str = "",
+    ylim: tuple[float, float] | None = None,
+) -> Figure:
+    """Grouped bars: one group per key of ``rows`` (e.g. a method), one bar per key of
+    ``series`` (``{row key: legend name}``) of height ``rows[group][key]``."""
+    fig = Figure(figsize=(2.0 + 1.3 * len(rows), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    pos = np.arange(len(rows))
+    for i, (key, name) in enumerate(series.items()):
+        ax.bar(pos + i * width, [row[key] for row in rows.values()], width, label=name)
+    ax.set_xticks(pos + 0.4 - width / 2, list(rows), rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def overlay_pair(image, heatmap, *, positive: bool | None = None, size: int = 160
+                 ) -> np.ndarray:
+    """uint8 ``(size, 2 * size, 3)``: the image beside its overlay (the signed overlay
+    of :func:`signed_map` when ``positive`` is given), e.g. one GIF frame."""
+    ov = (overlay(image, heatmap) if positive is None
+          else signed_overlay(image, signed_map(heatmap, positive)))
+    pair = np.concatenate([overlay(image, heatmap, alpha=0.0), ov], axis=1)
+    return np.asarray(Image.fromarray(pair).resize((2 * size, size), Image.BILINEAR))
+
+
 # ---------------------------------------------------------------- files
 
 

@@ -969,3 +969,26 @@ def load_weights(
                              None, None)
     return model, variables, prep
 
+
+
+def random_torchvision(arch: str, num_classes: int = 1000, seed: int = 0):
+    """``(torch_model, model, variables)``: torchvision's ``arch`` with its own random
+    initialisation (``torch.manual_seed(seed)``, ``weights=None``), in eval mode with
+    gradients on (pytorch-grad-cam needs them), and jaxcam's conversion of it
+    (:func:`load_torchvision`): the same network in both libraries, for comparisons.
+
+    torchvision initialises a ViT's classifier ``heads.head`` to zeros, which makes
+    every gradient, hence every CAM, exactly 0; its weight is drawn from
+    ``N(0, 0.02^2)`` instead (ViT's usual initialisation scale)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes).eval()
+    if arch.startswith("vit_"):
+        with torch.no_grad():
+            net.heads.head.weight.normal_(0.0, 0.02)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    model, variables = load_torchvision(net.state_dict(), arch)
+    return net, model, variables

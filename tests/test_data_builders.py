@@ -365,6 +365,20 @@ def test_aptos_bad_input(tmp_path):
 # ----------------------------------------------------------------------------- synthetic
 
 
+def test_build_splits_builds_once_and_opens_each_split(tmp_path):
+    splits = data.build_splits("synthetic_lesions", tmp_path, progress=False, **TINY_SYNTH)
+    assert {s: len(src) for s, src in splits.items()} == {"train": 12, "validation": 4,
+                                                          "test": 4}
+    again = data.load("synthetic_lesions", "validation", data_dir=tmp_path, **TINY_SYNTH)
+    assert [again[i]["image"].tobytes() for i in range(4)] == [
+        splits["validation"][i]["image"].tobytes() for i in range(4)]
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    two = data.build_splits("synthetic_lesions", tmp_path, ("test",), progress=False,
+                            **TINY_SYNTH)
+    assert list(two) == ["test"] and len(two["test"]) == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rebuilt
+
+
 def test_synthetic_build_matches_generator_and_is_balanced(tmp_path):
     builder = data.build(
         "synthetic_lesions", data_dir=tmp_path, progress=False, verbose=False, **TINY_SYNTH

@@ -132,3 +132,18 @@ def test_config_validation(kwargs, message):
 def test_bad_label():
     with pytest.raises(ValueError, match=r"label must be in \[0, 4\)"):
         make_image(0, SMALL, label=4)
+
+
+def test_held_out_images_are_balanced_reproducible_and_their_ids_are_the_render():
+    config = dataclasses.replace(MULTI, image_size=32)
+    images, labels, ids = synthetic.held_out_images(config, 6, seed=3)
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % synthetic.NUM_CLASSES for i in range(6)]
+    again = synthetic.held_out_images(config, 6, seed=3)
+    np.testing.assert_array_equal(again[0], images)
+    scene = sample_scene(np.random.default_rng([3, synthetic.HELD_OUT_TAG, 4]), config, label=0)
+    image, inst = render(scene, config)
+    np.testing.assert_array_equal(ids[4], inst)
+    np.testing.assert_array_equal(images[4], np.round(image * 255.0).astype(np.uint8))
+    other = synthetic.held_out_images(config, 6, seed=3, tag=8)[0]
+    assert not np.array_equal(other, images)

@@ -386,3 +386,44 @@ def test_two_processes_on_localhost_give_the_one_process_rows(tmp_path):
     for m in METHODS:
         diff = np.abs(loaded[m + "/maps"][order] - np.asarray(ref[m].maps)).max()
         assert diff <= 1e-5, (m, diff)
+
+
+def test_map_padded_calls_fn_on_one_shape_and_keeps_the_valid_rows():
+    a, b = np.arange(7.0), np.arange(7.0)[:, None] * np.ones((7, 2))
+    shapes = []
+
+    def fn(x, y):
+        shapes.append((x.shape, y.shape))
+        return {"sum": x + y[:, 0], "y": y}
+
+    out = distributed.map_padded(fn, (a, b), 3)
+    assert shapes == [((3,), (3, 2))] * 3  # 3 + 3 + 1 padded to 3
+    np.testing.assert_array_equal(out["sum"], 2 * a)
+    np.testing.assert_array_equal(out["y"], b)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        distributed.map_padded(fn, (a, b), 0)
+
+
+def test_explain_groups_makes_one_call_per_engine_and_layer_and_pins_the_class(tiny,
+                                                                               monkeypatch):
+    import jaxcam
+    import jaxcam.explanation as explanation
+    from jaxcam.dataset_explain import explain_groups
+
+    model, variables = tiny
+    x = np.asarray(_batches(1)[0]["image"])
+    methods = {"G": ("gradcam", "exact", "block3"), "X": ("xgradcam", "exact", "block3"),
+               "G++ closed": ("gradcam++", "closed_form", "block3"),
+               "G early": ("gradcam", "exact", "block2")}
+    real, calls = jaxcam.explain, []
+    monkeypatch.setattr(explanation, "explain",
+                        lambda *a, **k: calls.append((k["method"], k["layer"])) or real(*a, **k))
+    out = explain_groups(model, variables, x, methods)
+    assert list(out) == list(methods)
+    assert calls == [(["gradcam", "xgradcam"], "block3"), (["gradcam++"], "block3"),
+                     (["gradcam"], "block2")]
+    for label, (name, derivatives, layer) in methods.items():
+        alone = real(model, variables, x, method=name, derivatives=derivatives, layer=layer,
+                     class_idx=out["G"].class_idx)
+        np.testing.assert_allclose(out[label].maps, alone.maps, atol=1e-6)
+        np.testing.assert_array_equal(out[label].class_idx, out["G"].class_idx)

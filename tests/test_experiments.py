@@ -155,9 +155,3 @@ def test_unwritable_output_dir_fails_fast(tmp_path, capsys):
     assert "is not writable" in capsys.readouterr().err
     with pytest.raises(ValueError, match="choose another --out"):
         common.validate(ham10000.Ham10000Config(out=str(blocker / "run")))
-
-
-def test_signed_map_sign_follows_group():
-    heat = np.array([[0.0, 0.5], [1.0, 0.25]])
-    np.testing.assert_array_equal(common.signed_map(heat, True), heat)
-    np.testing.assert_array_equal(common.signed_map(heat, False), -heat)

@@ -1,5 +1,7 @@
 """CAM method functions: identities between methods, Grad-CAM++ alpha rules, Score-CAM."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,3 +179,18 @@ def test_scorecam_dead_channels_give_the_same_weights_and_are_not_rescored(batch
     # callback runs once per scored chunk (vmapped) plus once for score_fn(0).
     max_live = K - 2
     assert len(calls) == 1 + -(-max_live // batch_size)
+
+
+def test_placement_moves_cam_to_the_gap_dense_layer_and_leaves_the_others():
+    from test_compilation import tiny_model, tiny_variables
+
+    model = tiny_model()
+    variables = tiny_variables(model)
+    assert methods.placement("gradcam", model, variables, "block2") == ("block2", None)
+    assert methods.placement("cam", model, variables, "block3") == ("block3", None)
+    # block2's head is conv + GAP + dense, not linear: CAM runs at the default layer
+    assert methods.placement("cam", model, variables, "block2") == ("block3", None)
+    no_head = dataclasses.replace(model, default_layer="block2")
+    layer, why = methods.placement("cam", no_head, variables, "block1")
+    assert layer is None
+    assert why == "tiny_cnn has no global-average-pool + dense head at block1 or block2"

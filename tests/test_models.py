@@ -476,3 +476,15 @@ def test_depthwise_conv_rejects_a_channel_mismatch():
 
     with pytest.raises(ValueError, match="keeps the channel count"):
         DepthwiseConv(4, 3, padding=1).init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+
+
+def test_layer_for_image_size_keeps_the_default_unless_its_map_is_too_coarse():
+    from test_compilation import tiny_model, tiny_variables
+
+    model = tiny_model()  # block1 32x32, block2 16x16, block3 (default) 8x8 at 32 px
+    variables = tiny_variables(model)
+    assert models.layer_for_image_size(model, variables, 32) == "block3"
+    assert models.layer_for_image_size(model, variables, 32, min_map_size=9) == "block2"
+    assert models.layer_for_image_size(model, variables, 32, min_map_size=17) == "block1"
+    # nothing is fine enough: the default layer
+    assert models.layer_for_image_size(model, variables, 32, min_map_size=64) == "block3"

@@ -11,7 +11,7 @@ import jaxcam
 ROOT = Path(__file__).resolve().parents[1]
 # private names, file names that look like attribute paths, and submodules that are
 # reached by their own import (the CLI), not as attributes of the package
-NOT_ATTRIBUTES = {"jaxcam.json", "jaxcam.cli", "jaxcam.explanation._COMPILED"}
+NOT_ATTRIBUTES = {"jaxcam.json", "jaxcam.cli", "jaxcam.cli.main", "jaxcam.explanation._COMPILED"}
 
 
 def _documented() -> list[str]:

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcam import train
+import jaxcam
+from jaxcam import metrics, train
 
 # ----------------------------------------------------------------------------------------
 # Loss, weights, schedule
@@ -258,3 +259,58 @@ def test_fit_evaluates_with_batch_stats_recalibrated_under_the_final_weights(tmp
                                np.mean([v for _, v in moments], 0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="bn_recalibration_batches must be >= 0"):
         train.TrainConfig(bn_recalibration_batches=-1)
+
+
+# ---------------------------------------------------------------- glue over random-access splits
+
+
+def _source(n=24, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    images[..., 0] = np.where(labels[:, None, None] == 1, 255, images[..., 0])
+    return [{"image": images[i], "label": int(labels[i]), "malignant": bool(labels[i] == 1)}
+            for i in range(n)], labels
+
+
+def test_fit_sources_trains_on_the_split_and_resumes_a_finished_run(tmp_path):
+    src, labels = _source()
+    val, _ = _source(9, seed=1)
+    model = _TinyModel()
+    variables = model.init(jax.random.PRNGKey(0))
+    config = train.TrainConfig(epochs=1, batch_size=8, checkpoint_every=100)
+    kw = dict(image_size=8, class_names=("a", "b", "c"), progress=False)
+    result, counts = train.fit_sources(model, variables, src, val, config, tmp_path, **kw)
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=3))
+    assert result.steps == 3 and len(result.history) == 1  # 24 images / batch 8, one epoch
+    again, _ = train.fit_sources(model, variables, src, val, config, tmp_path, **kw)
+    assert again.steps == 3 and again.history == result.history  # nothing retrained
+    with pytest.raises(ValueError, match=r"--batch-size 32 is larger than the training split "
+                                         r"\(24 images\)"):
+        train.fit_sources(model, variables, src, val,
+                          train.TrainConfig(epochs=1, batch_size=32), tmp_path / "x", **kw)
+
+
+def test_evaluate_source_scores_every_image_once_in_order():
+    src, labels = _source(11)
+    model = _TinyModel()
+    variables = model.init(jax.random.PRNGKey(0))
+    report = train.evaluate_source(model, variables, src, 3, image_size=8, batch_size=4)
+    cm = np.asarray(report["confusion_matrix"])
+    assert report["total"] == 11 and cm.sum(1).tolist() == np.bincount(labels, minlength=3).tolist()
+    assert report["accuracy"] == pytest.approx(np.trace(cm) / 11)
+    y_true = np.repeat(np.arange(3), cm.sum(1))
+    y_pred = np.concatenate([np.repeat(np.arange(3), row) for row in cm])
+    assert report["kappa"] == pytest.approx(metrics.quadratic_weighted_kappa(y_true, y_pred, 3))
+
+
+def test_init_model_is_model_init_and_checks_the_image_size():
+    model, variables, replaced = train.init_model("vit_ti_16", 4, image_size=32, seed=3)
+    expected = model.init(jax.random.PRNGKey(3), image_size=32)
+    assert replaced == [] and model.num_classes == 4
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    vit_min = jaxcam.models.get("vit_ti_16", 4).min_image_size
+    with pytest.raises(ValueError, match=f"--image-size 16 is below the vit_ti_16 minimum of "
+                                         f"{vit_min} px"):
+        train.init_model("vit_ti_16", 4, image_size=16)

@@ -227,3 +227,78 @@ def test_save_gif_frames_durations_and_captions(tmp_path):
     with pytest.raises(ValueError, match="at least one frame"):
         viz.save_gif(tmp_path / "x.gif", [])
     assert not (tmp_path / "x.gif").exists()
+
+
+# ------------------------------------------------------------------ report figures
+
+
+def test_signed_map_sign_follows_group():
+    heat = np.array([[0.0, 0.5], [1.0, 0.25]])
+    np.testing.assert_array_equal(viz.signed_map(heat, True), heat)
+    np.testing.assert_array_equal(viz.signed_map(heat, False), -heat)
+
+
+def test_explanation_panels_draw_each_map_its_overlay_and_the_signed_overlay():
+    image = _image(16, 16) / 255.0
+    maps = {"A": _heat(16, 16, seed=2), "B": _heat(16, 16, seed=3)}
+    mask = np.zeros((16, 16))
+    mask[4:9, 4:9] = 1
+    fig = viz.explanation_panels(image, maps, mask=mask, positive=False, title="t")
+    axes = np.asarray(fig.axes).reshape(3, 3)
+    assert [axes[0, j].get_title() for j in range(3)] == ["original", "A", "B"]
+    assert fig._suptitle.get_text() == "t"
+    for j, heat in enumerate(maps.values(), start=1):
+        np.testing.assert_array_equal(axes[0, j].images[0].get_array(), viz.colorize(heat))
+        np.testing.assert_array_equal(axes[1, j].images[0].get_array(),
+                                      viz.overlay(image, heat))
+        np.testing.assert_array_equal(axes[2, j].images[0].get_array(),
+                                      viz.signed_overlay(image, -heat))  # benign: blue
+    assert axes[1, 0].get_title() == "lesion mask" and axes[1, 0].collections  # the contour
+    two_rows = viz.explanation_panels(image, maps)
+    assert len(two_rows.axes) == 6 and not np.asarray(two_rows.axes)[3].images
+
+
+def test_confusion_figure_shows_the_counts_with_labelled_axes():
+    m = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 4]])
+    fig = viz.confusion_figure(m, ["a", "b", "c"], "test")
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.images[0].get_array(), m)
+    assert [t.get_text() for t in ax.texts] == [str(v) for v in m.ravel()]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("predicted", "true", "test")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"confusion matrix \(3, 3\) does not match 2 class"):
+        viz.confusion_figure(m, ["a", "b"])
+
+
+def test_training_curves_plot_the_history():
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 2 / e, "train_accuracy": 0.1 * e,
+                "val_accuracy": 0.2 * e, "val_balanced_accuracy": 0.15 * e} for e in (1, 2, 3)]
+    loss, acc = viz.training_curves_figure(history).axes
+    assert (loss.get_title(), acc.get_title(), loss.get_xlabel()) == ("loss", "accuracy", "epoch")
+    got = {(ax.get_title(), line.get_label()): list(line.get_ydata())
+           for ax in (loss, acc) for line in ax.get_lines()}
+    assert got == {("loss", "train"): [1.0, 0.5, 1 / 3], ("loss", "validation"): [2.0, 1.0, 2 / 3],
+                   ("accuracy", "train"): [0.1, 0.2, 0.1 * 3],
+                   ("accuracy", "validation"): [0.2, 0.4, 0.2 * 3],
+                   ("accuracy", "validation (balanced)"): [0.15, 0.3, 0.15 * 3]}
+
+
+def test_grouped_bar_figure_bar_heights_and_labels():
+    rows = {"Grad-CAM": {"p": 10.0, "q": 20.0}, "CAM": {"p": 30.0, "q": 40.0}}
+    fig = viz.grouped_bar_figure(rows, {"p": "pointing", "q": "energy"}, ylabel="%",
+                                 ylim=(0, 100))
+    ax = fig.axes[0]
+    assert [b.get_height() for b in ax.patches] == [10.0, 30.0, 20.0, 40.0]  # series by series
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["pointing", "energy"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Grad-CAM", "CAM"]
+    assert ax.get_ylabel() == "%" and ax.get_ylim() == (0.0, 100.0)
+
+
+def test_overlay_pair_is_the_image_beside_its_overlay():
+    image, heat = _image(16, 16), _heat(16, 16)
+    pair = viz.overlay_pair(image, heat, size=16)
+    assert pair.shape == (16, 32, 3) and pair.dtype == np.uint8
+    np.testing.assert_array_equal(pair[:, :16], image)  # resizing 32x16 -> 32x16: identity
+    np.testing.assert_array_equal(pair[:, 16:], viz.overlay(image, heat))
+    signed = viz.overlay_pair(image, heat, positive=True, size=16)
+    np.testing.assert_array_equal(signed[:, 16:], viz.signed_overlay(image, heat))

@@ -346,3 +346,20 @@ def test_clean_state_dict_unwraps_strips_and_casts():
     assert sd["bn.running_var"].dtype == np.float32 and np.all(sd["bn.running_var"] == 2.0)
     with pytest.raises(ValueError, match="no floating-point tensors.*non-tensor entries: epoch"):
         weights.clean_state_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vit_b_16"])
+def test_random_torchvision_is_seeded_and_converted_from_the_same_weights(arch):
+    net, model, variables = weights.random_torchvision(arch, 3, seed=5)
+    again, _, _ = weights.random_torchvision(arch, 3, seed=5)
+    state = net.state_dict()
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    assert not net.training and all(p.requires_grad for p in net.parameters())
+    _, expected = weights.load_torchvision(state, arch)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.arch == arch and model.num_classes == 3
+    if arch == "vit_b_16":  # torchvision's zero classifier would make every CAM 0
+        w = net.heads.head.weight.detach().numpy()
+        assert 0.015 < w.std() < 0.025

@@ -20,6 +20,7 @@ from jaxcam.data import aptos2019, ham10000, synthetic
 from jaxcam.data.builders import (
     BUILDERS,
     build,
+    build_splits,
     check_manual_dir,
     format_summary,
     load,
@@ -76,6 +77,7 @@ __all__ = [
     "SPLIT_NAMES",
     "batches",
     "build",
+    "build_splits",
     "check_manual_dir",
     "format_summary",
     "info",

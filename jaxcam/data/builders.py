@@ -22,7 +22,7 @@ import json
 import logging
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +550,15 @@ def _rebuild_aside(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return _make_builder(name, data_dir, config)
+
+
+def build_splits(name: str, data_dir: str | Path, splits: Sequence[str] = SPLIT_NAMES, *,
+                 manual_dir: str | Path | None = None, progress: bool = True,
+                 **config: Any) -> dict[str, Any]:
+    """:func:`build` ``name`` (once: a built dataset in ``data_dir`` is reused) and
+    :func:`load` each of ``splits``: ``{split: random-access source}``."""
+    build(name, manual_dir=manual_dir, data_dir=data_dir, progress=progress, **config)
+    return {s: load(name, s, data_dir=data_dir, **config) for s in splits}
 
 
 def load(name: str, split: str, data_dir: str | Path | None = None, **config: Any):

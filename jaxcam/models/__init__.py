@@ -87,6 +87,7 @@ def check_variables(model: Any, variables: Any) -> None:
 
 
 __all__ = [
+    "layer_for_image_size",
     "ARCHS",
     "FunctionsModel",
     "LinenModel",
@@ -108,3 +109,27 @@ __all__ = [
     "vit_s_16",
     "vit_ti_16",
 ]
+
+
+def layer_for_image_size(model: Any, variables: Any, image_size: int, *,
+                         min_map_size: int = 4) -> str:
+    """The model's default layer, unless its map would be coarser than ``min_map_size``
+    x ``min_map_size`` at ``image_size`` px; then the deepest cut point before it whose
+    map is at least that fine (ResNet-50's ``layer4`` is 2x2 at 64 px: one pixel per
+    quadrant cannot point at a lesion; ``layer3`` is 4x4). Shapes only
+    (``jax.eval_shape``): nothing is computed."""
+    import jax
+    import numpy as np
+
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+
+    def side(name: str) -> int:
+        grid = jax.eval_shape(lambda v, x: model.to_grid(model.features(v, x, name), name),
+                              variables, x)
+        return min(grid.shape[1:3])  # on the map's grid: tokens too
+
+    if side(model.default_layer) >= min_map_size:
+        return model.default_layer
+    before = model.layers[: model.layers.index(model.default_layer)]
+    return next((name for name in reversed(before) if side(name) >= min_map_size),
+                model.default_layer)
