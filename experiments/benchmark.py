@@ -29,6 +29,9 @@ Sections (``--only``):
   :mod:`experiments.benchmark_vit`. ``--archs vit_b_16`` also runs the other sections
   on ViT-B/16 (the torch section with a ``reshape_transform`` that drops the class
   token, at torchvision's 224 px only).
+- ``adapter``: ``jaxcam.models.from_linen`` of jaxcam's ResNet-50 module against
+  the native model, same weights, interleaved (:mod:`experiments.benchmark_adapter`;
+  goal adapter / native <= 1.05, issue 15).
 - ``first-call``: what a user explaining one image sees. The wall time of a
   whole ``jaxcam explain IMAGE.jpg --weights W.safetensors --arch A --method M``
   (one 400x300 JPEG; random torchvision weights written to a temporary
@@ -71,12 +74,14 @@ from typing import Any
 
 import numpy as np
 
+from experiments.benchmark_adapter import section_adapter
 from experiments.benchmark_vit import section_vit
 from jaxcam import compilation, report, timing
 from jaxcam.report import number as _fmt
 from jaxcam.timing import measure, measure_interleaved, with_throughput
 
-SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling", "first-call", "vit")
+SECTIONS = ("forward", "methods", "torch", "engine", "metrics", "scaling", "first-call", "vit",
+            "adapter")
 ARCHS = ("resnet50", "vgg19", "efficientnet_b0")
 # not in the default --archs; vit_b_16 is also torchvision's (the torch section's comparison)
 VIT_ARCHS = ("vit_b_16", "vit_s_16", "vit_ti_16")
@@ -1119,6 +1124,18 @@ def render_markdown(store: ResultStore) -> str:
               _fmt(r.get("compile_s")), r.get("coordinates", "-"),
               _fmt(r.get("seconds_per_coordinate"))] for r in vit)), ""]
 
+    adapter = [r for r in recs if r["section"] == "adapter"]
+    if adapter:
+        out += ["### Adapter: `from_linen(ResNet-50 module)` / the native model (one image)",
+                "", *report.table(
+                    ["method", "image", "adapter s", "native s", "adapter / native",
+                     "GFLOP adapter / native", "max abs diff"],
+                    ([r["method"], r["image_size"], _fmt(r.get("step_s")),
+                      _fmt(r.get("native_step_s")), _fmt(r.get("ratio_to_native")),
+                      f"{(r.get('flops_adapter') or 0) / 1e9:.3f} / "
+                      f"{(r.get('flops_native') or 0) / 1e9:.3f}",
+                      _fmt(r.get("max_abs_diff"))] for r in adapter)), ""]
+
     out += first_call_tables(store)
     goals = goal_lines(store)
     if goals:
@@ -1351,7 +1368,7 @@ def run_benchmark(config: BenchmarkConfig) -> ResultStore:
     sections = {
         "forward": section_forward, "methods": section_methods, "torch": section_torch,
         "engine": section_engine, "metrics": section_metrics, "scaling": section_scaling,
-        "first-call": section_first_call, "vit": section_vit,
+        "first-call": section_first_call, "vit": section_vit, "adapter": section_adapter,
     }
     for name in SECTIONS:  # fixed order, whatever order --only lists them in
         if name in config.only:

@@ -5,9 +5,9 @@ module wrapped by ``jaxcam.models.from_linen`` (cut at ``layer4/2``, the same te
 same variables, same image, one image per call, jitted ``jaxcam.explain(...).raw``:
 
 - ``gradcam`` and ``gradcam++_exact`` (the certificate-checked factored engine), timed
-  interleaved (native, adapter, native, ...; :func:`experiments.benchmark.
-  measure_interleaved`), so ``ratio_to_native`` (adapter / native, median over rounds;
-  goal <= 1.05) sees the same machine load on both sides;
+  interleaved (native, adapter, native, ...;
+  :func:`jaxcam.timing.measure_interleaved`), so ``ratio_to_native`` (adapter / native,
+  median over rounds; goal <= 1.05) sees the same machine load on both sides;
 - ``flops_native`` / ``flops_adapter``: XLA's cost analysis of the two compiled
   programs (equal when the adapter's interceptors add nothing and jit drops the
   unused forward pass after the cut); ``max_abs_diff``: the raw maps agree.
@@ -35,6 +35,7 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
 
     import jaxcam
     from experiments import benchmark as bm
+    from jaxcam.timing import measure_interleaved, with_throughput
 
     bm._progress("[adapter] from_linen(ResNet-50 module) vs the native model (one image)")
     s = config.image_size
@@ -60,7 +61,7 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
                     m, v, x, method=name, layer=layer, **extra).raw)
                 for side, (m, layer) in models.items()
             }
-            timed = bm.measure_interleaved({side: (lambda f=f: f(v, x)) for side, f in
+            timed = measure_interleaved({side: (lambda f=f: f(v, x)) for side, f in
                                             fns.items()}, reference="native",
                                            rounds=config.repeats, max_seconds=config.max_seconds)
             raws = {side: np.asarray(f(v, x)) for side, f in fns.items()}
@@ -73,9 +74,9 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
             bm._progress(f"    {label}: adapter {result['step_s']:.4g} s, native "
                          f"{result['native_step_s']:.4g} s, ratio {result['ratio_to_native']:.3f}"
                          f" (flops {result['flops_adapter']} vs {result['flops_native']})")
-            return bm._with_throughput(result, 1)
+            return with_throughput(result, 1)
 
-        bm._cell(store, dict(base, method=label), run)
+        store.cell(dict(base, method=label), run, log=bm._progress)
 
 
 def main(argv: list[str] | None = None) -> None:
