@@ -59,18 +59,23 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
         A = model.features(variables, x, layer)
         d = A.shape[2]
         tokens = 1 + jnp.arange(max(1, config.vit_coordinates // d), dtype=jnp.int32)
-        head = lambda a: model.head(variables, a, layer, x=x)
         t = targets.as_target("exp")
-        c = jnp.argmax(head(A), -1).astype(jnp.int32)
+        c = jnp.argmax(model.head(variables, A, layer, x=x), -1).astype(jnp.int32)
+        # weights and image are arguments of the jitted function: closed over, XLA would
+        # constant-fold the attention of the fixed tokens (minutes of compilation)
         if rows:
-            g = model.row_head(variables, A, layer, x=x)
-            s_row = lambda i, a: targets.inner_scores(t, g(i, a), c, None)
-            fn = jax.jit(lambda A: deriv.taylor_rows(s_row, A, tokens))
+            def fn(v, x, A):
+                g = model.row_head(v, A, layer, x=x)
+                s_row = lambda i, a: targets.inner_scores(t, g(i, a), c, None)
+                return deriv.taylor_rows(s_row, A, tokens)
         else:
-            s = lambda a: targets.inner_scores(t, head(a), c, None)
             coords = (tokens[:, None] * d + jnp.arange(d)[None]).reshape(-1)
-            fn = jax.jit(lambda A: deriv.taylor_derivatives_at(s, A, coords))
-        result = measure(lambda: fn(A), repeats=1, max_seconds=config.max_seconds)
+
+            def fn(v, x, A):
+                s = lambda a: targets.inner_scores(t, model.head(v, a, layer, x=x), c, None)
+                return deriv.taylor_derivatives_at(s, A, coords)
+        fn = jax.jit(fn)
+        result = measure(lambda: fn(variables, x, A), repeats=1, max_seconds=config.max_seconds)
         n = int(tokens.size) * d
         result.update(coordinates=n, seconds_per_coordinate=result["step_s"] / n,
                       full_grid_coordinates=int(model.to_grid(A, layer)[0].size))
