@@ -82,7 +82,7 @@ _HELP = {
     "checkpoint": "jaxcam checkpoint directory of a 4-class synthetic-lesion model, or a "
                   "training run's folder (e.g. runs/ham10000: its best model); default: "
                   "train one here",
-    "arch": "architecture when training here: resnet50, vgg19 or efficientnet_b0",
+    "arch": f"architecture when training here, one of {', '.join(common.ARCHS)}",
     "layer": "target layer (default: the model's default layer)",
     "num_train": "synthetic training images when training here",
     "epochs": "training epochs (0 keeps the random initialisation, a control)",
