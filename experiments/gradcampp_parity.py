@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxcam import methods
 
-    # S_c ~ 83 at 224 px: explain's closed form carries the factor e^{S_c}, at float32's
-    # limit (raw maps ~2e38; issue 14); the scale-free line below does not
+    # S_c ~ 83 at 224 px, e^{S_c} at float32's limit: explain never forms it (log_scale);
+    # the line below computes the same closed form from g alone, as a check
     ex = jaxcam.explain(model, variables, x, method="gradcam++", derivatives="closed_form")
     ours = np.array(ex.maps)
     # the same closed form without the factor e^{S_c} (alphas do not depend on it, the
