@@ -380,8 +380,8 @@ def placement(name: str, model: Any, variables: Any, layer: str) -> tuple[str | 
         return layer, None
     if model.linear_head(variables, model.default_layer) is not None:
         return model.default_layer, None
-    return None, (f"{model.arch} has no global-average-pool + dense head at {layer} or "
-                  f"{model.default_layer}")
+    where = layer if layer == model.default_layer else f"{layer} or {model.default_layer}"
+    return None, f"{model.arch} has no global-average-pool + dense head at {where}"
 
 
 # --------------------------------------------------------------------------- records
