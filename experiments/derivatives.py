@@ -39,6 +39,7 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "resnet50:layer4,layer3",
     "vgg19:default,pool5",
     "efficientnet_b0:features.8,features.7",
+    "vit_b_16:default",
 )
 TARGETS: tuple[str, ...] = ("exp", "softmax", "log_softmax", "logit", "rest")
 ENGINES: tuple[str, ...] = ("factored", "closed_form", "nested_sum")
@@ -146,10 +147,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             synthetic.SyntheticConfig(image_size=size)
         except ValueError as err:
             raise SystemExit(f"{flag} {size}: {err}") from None
+    import jaxcam
+
     for arch, _ in _parse_models(config.models):
-        if arch not in ("resnet50", "vgg19", "efficientnet_b0"):
-            raise SystemExit(f"--models: unknown architecture {arch!r}; use resnet50, vgg19 "
-                             "or efficientnet_b0.")
+        if arch not in jaxcam.models.ARCHS:
+            raise SystemExit(f"--models: unknown architecture {arch!r}; use one of "
+                             f"{', '.join(jaxcam.models.ARCHS)}.")
+        patch = getattr(getattr(jaxcam.models.get(arch, 4), "config", None), "patch_size", None)
+        sizes = [("--image-size", config.image_size)] + (
+            [("--train-image-size", config.train_image_size)]
+            if "trained" in config.inits and config.checkpoint is None else [])
+        for flag, size in sizes:
+            if patch and size % patch:
+                raise SystemExit(
+                    f"{flag} {size}: {arch} cuts images into {patch} px patches, so the side "
+                    f"must be a multiple of {patch} (e.g. {max(size // patch, 2) * patch} or "
+                    f"{(size // patch + 1) * patch})")
     return config
 
 
@@ -175,20 +188,20 @@ def error_stats(got: np.ndarray, truth: np.ndarray) -> dict[str, float]:
             "max": float(err.max())}
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    r = np.empty(x.size)
-    r[np.argsort(x, kind="stable")] = np.arange(x.size)
-    return r
-
-
 def map_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Mean over images of Pearson, Spearman, top-20% IoU and max |a - b| of (B, H, W) maps."""
+    """Mean over images of Pearson, Spearman (:func:`jaxcam.metrics.agreement.spearman`,
+    ties at their average rank), top-20% IoU and max |a - b| of (B, H, W) maps; an image
+    whose map is constant (no correlation) is left out of the correlations' means."""
+    from jaxcam.metrics import agreement
+
+    spearman = np.asarray(agreement.spearman(np.asarray(a, np.float32), np.asarray(b, np.float32)))
     rows = []
-    for x, y in zip(np.asarray(a, np.float64), np.asarray(b, np.float64), strict=True):
+    for x, y, rho in zip(np.asarray(a, np.float64), np.asarray(b, np.float64), spearman,
+                         strict=True):
         x, y = x.ravel(), y.ravel()
-        pear = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
-        rx, ry = _ranks(x), _ranks(y)
-        spear = float(np.corrcoef(rx, ry)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+        ok = x.std() > 0 and y.std() > 0
+        pear = float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
+        spear = float(rho) if ok else float("nan")
         k = max(1, int(round(0.2 * x.size)))
         tx, ty = set(np.argsort(-x)[:k]), set(np.argsort(-y)[:k])
         rows.append((pear, spear, len(tx & ty) / len(tx | ty), float(np.abs(x - y).max())))
@@ -248,19 +261,21 @@ def _timed(fn, *args):
 FD_RTOL = 1e-6  # an FD estimate is trusted when its error bound is below this times the scale
 
 
-def _finite_differences(model, variables, A, layer, targets, cls, candidates, count, seed):
+def _finite_differences(model, variables, A, x, layer, targets, cls, candidates, count, seed):
     """taylor (float64) vs float64 finite differences (:mod:`jaxcam.testing`) on image 0.
 
-    The oracle estimates each coordinate's ``D1, D2, D3`` for every target (one batched
-    head call per step level; the targets are functions of its logits) with an error
-    bound, and refuses coordinates where no step gives a trustworthy estimate: a kink
-    of the ReLU / max-pool head within reach of every resolvable step, round-off
-    dominating, values not finite. A coordinate is kept when every target and order
-    is trusted at ``FD_RTOL`` of the scale (:func:`jaxcam.testing.derivative_scale` of
-    ``taylor`` over all ``candidates``); refused ones are replaced by the next
-    candidates (in a fixed random order) until ``count`` are kept. Errors are relative
-    to that scale. Returns ``{target: {"D1": stats, ..., "checked", "refused",
-    "tried"}}``.
+    ``A``: the activations as the model gives them (a grid or tokens); ``candidates``:
+    flat indices into ``A[0]``; ``x``: the images (the ViT head recomputes the residual
+    stream that crosses the cut from them). The oracle estimates each coordinate's
+    ``D1, D2, D3`` for every target (one batched head call per step level; the targets
+    are functions of its logits) with an error bound, and refuses coordinates where no
+    step gives a trustworthy estimate: a kink of the ReLU / max-pool head within reach
+    of every resolvable step, round-off dominating, values not finite. A coordinate is
+    kept when every target and order is trusted at ``FD_RTOL`` of the scale
+    (:func:`jaxcam.testing.derivative_scale` of ``taylor`` over all ``candidates``);
+    refused ones are replaced by the next candidates (in a fixed random order) until
+    ``count`` are kept. Errors are relative to that scale. Returns ``{target: {"D1":
+    stats, ..., "checked", "refused", "tried"}}``.
     """
     import jax
     import jax.numpy as jnp
@@ -273,22 +288,24 @@ def _finite_differences(model, variables, A, layer, targets, cls, candidates, co
     jax.config.update("jax_enable_x64", True)
     try:
         v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
-        A64 = jnp.asarray(A[:1], jnp.float64)
+        A64, x64 = jnp.asarray(A[:1], jnp.float64), jnp.asarray(x[:1], jnp.float64)
         c = jnp.asarray(cls[:1])
         phis = [targets_lib.get_target(t) for t in targets]
         candidates = np.random.default_rng([seed, 0xFD]).permutation(np.asarray(candidates))
         truth = []  # (targets, candidates, 3)
         for phi in phis:
-            f = partial(jax.jit(lambda v, a, phi=phi: jax.vmap(phi)(model.head(v, a, layer), c)),
-                        v64)
+            f = partial(jax.jit(lambda v, a, phi=phi: jax.vmap(phi)(
+                model.head(v, a, layer, x=x64), c)), v64)
             truth.append(np.stack([np.asarray(d)[0] for d in deriv.taylor_derivatives_at(
                 f, A64, jnp.asarray(candidates))], -1))
         truth = np.stack(truth, 1)  # (candidates, targets, 3)
         a0 = np.asarray(A64[0])
         scale = testing.derivative_scale(truth, float(np.sqrt(np.mean(a0**2))) or 1.0)
 
-        def scores(v, pts):  # (P, targets): every target of one head call
-            logits = model.head(v, pts, layer)
+        def scores(v, pts):  # (P, targets): every target of one head call per point
+            # vmapped per point: what depends on x alone (a ViT's residual stream) is
+            # computed once, not once per point
+            logits = jax.vmap(lambda p: model.head(v, p[None], layer, x=x64)[0])(pts)
             return jnp.stack([jax.vmap(phi, in_axes=(0, None))(logits, c[0]) for phi in phis],
                              -1)
 
@@ -313,6 +330,39 @@ def _finite_differences(model, variables, A, layer, targets, cls, candidates, co
         jax.config.update("jax_enable_x64", previous)
 
 
+def engine_fn(model, layer, x, cls, engine, target, certified, *, row_head=True):
+    """``(variables, A) -> (D1, D2, D3)`` of ``engine`` for ``target``, on the model's
+    (B, h, w, K) grid (``model.to_grid``; ``A`` as :meth:`features` gives it), through
+    :func:`jaxcam.derivatives.target_derivatives`. ``taylor`` uses the model's
+    ``row_head`` where it has one (a ViT at its last block's first LayerNorm: only the
+    class token's path per coordinate) unless ``row_head=False``."""
+    from jaxcam import derivatives as deriv
+    from jaxcam import targets as targets_lib
+
+    tgt = targets_lib.as_target(target)
+    rows = getattr(model, "row_head", None) if row_head and engine == "taylor" else None
+
+    def fn(v, a):
+        D, _ = deriv.target_derivatives(
+            lambda a: model.head(v, a, layer, x=x), a, tgt, cls,
+            targets_lib.per_image_data(tgt, a.shape[0]), engine=engine, certified=certified,
+            to_grid=lambda t: model.to_grid(t, layer),
+            linear_head=model.linear_head(v, layer) if a.ndim == 4 else None,
+            row_head=None if rows is None else rows(v, a, layer, x=x))
+        return D.true()
+    return fn
+
+
+def grid_index(model, A, layer) -> np.ndarray:
+    """For each cell of the (h, w, K) grid (row-major), its flat index into ``A[0]``
+    (tokens or grid): the identity for a conv layer, the class token skipped for a ViT."""
+    import jax.numpy as jnp
+
+    n = int(np.prod(A.shape[1:]))
+    return np.asarray(model.to_grid(jnp.arange(n, dtype=jnp.int32).reshape((1,) + A.shape[1:]),
+                                    layer)).ravel()
+
+
 def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -321,19 +371,23 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
     from jaxcam import methods
     from jaxcam import targets as targets_lib
 
-    A = jax.jit(lambda v, x: model.features(v, x, layer))(variables, x)
+    A = jax.jit(lambda v, x: model.features(v, x, layer))(variables, x)  # grid or tokens
     # jitted functions take the variables as an argument: closing over them would
     # make XLA constant-fold the weights (minutes for VGG19's classifier)
-    head_of = lambda v: (lambda a: model.head(v, a, layer))
-    head = head_of(variables)
-    logits = jax.jit(lambda v, a: model.head(v, a, layer))(variables, A)
+    head_of = lambda v: (lambda a: model.head(v, a, layer, x=x))
+    logits = jax.jit(lambda v, a: head_of(v)(a))(variables, A)
     cls = jnp.argmax(logits, -1).astype(jnp.int32)
-    certified = deriv.is_piecewise_linear(head, A)
-    n_coords = int(np.prod(A.shape[1:]))
+    certified = deriv.is_piecewise_linear(head_of(variables), A)
+    Ag = model.to_grid(A, layer)  # (B, h, w, K): what alphas and maps are computed on
+    index = grid_index(model, A, layer)
+    n_coords = index.size
     coords = np.sort(rng.choice(n_coords, size=min(config.coords, n_coords), replace=False))
-    sum_a = np.asarray(A.sum((1, 2)))[:, coords % A.shape[-1]][:, None, None, :]
-    out: dict[str, Any] = {"layer": layer, "activation_shape": list(A.shape[1:]),
+    raw = index[coords]  # the sampled grid cells' indices into A[0]
+    sum_a = np.asarray(Ag.sum((1, 2)))[:, coords % Ag.shape[-1]][:, None, None, :]
+    out: dict[str, Any] = {"layer": layer, "activation_shape": list(Ag.shape[1:]),
                            "coordinates": n_coords, "certified": certified, "targets": {}}
+    if A.shape != Ag.shape:
+        out["token_shape"] = list(A.shape[1:])
 
     def alpha_at(D2, D3):  # alphas (B, n) from D2, D3 at the sampled coordinates
         return np.asarray(methods.gradcam_pp_alpha(
@@ -341,23 +395,24 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
         ))[:, 0, 0, :]
 
     def maps_from(D):
-        w = methods.gradcam_pp_weights(A, *D)
-        raw = methods.weighted_map(A, w)
-        return np.asarray(methods.normalize_maps(methods.upsample(raw, x.shape[1:3]))[0])
+        w = methods.gradcam_pp_weights(Ag, *D)
+        raw_map = methods.weighted_map(Ag, w)
+        return np.asarray(methods.normalize_maps(methods.upsample(raw_map, x.shape[1:3]))[0])
 
-    g = jax.jit(jax.grad(lambda a, v: jnp.sum(
-        model.head(v, a, layer)[jnp.arange(A.shape[0]), cls])))(A, variables)
+    g = model.to_grid(jax.jit(jax.grad(lambda a, v: jnp.sum(
+        head_of(v)(a)[jnp.arange(A.shape[0]), cls])))(A, variables), layer)
     gradcam = np.asarray(methods.normalize_maps(methods.upsample(
-        methods.weighted_map(A, methods.gradcam_weights(g)), x.shape[1:3]))[0])
+        methods.weighted_map(Ag, methods.gradcam_weights(g)), x.shape[1:3]))[0])
 
     shared: dict[str, Any] = {}
     fd_all = None  # finite differences of every target, computed once per layer
     for target in config.targets:
         phi = targets_lib.get_target(target)
-        f_of = lambda v, phi=phi: (lambda a: jax.vmap(phi)(model.head(v, a, layer), cls))
+        f_of = lambda v, phi=phi: (lambda a: jax.vmap(phi)(head_of(v)(a), cls))
         row: dict[str, Any] = {"errors": {}, "seconds": {}, "maps": {}}
+        # the ground truth: generic taylor on the whole head at the sampled coordinates
         taylor_at = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives_at(
-            f_of(v), a, jnp.asarray(coords)))
+            f_of(v), a, jnp.asarray(raw)))
         truth, t_sec = _timed(taylor_at, variables, A)
         row["seconds"]["taylor_sampled"] = t_sec
         row["seconds"]["taylor_full_per_image_est"] = t_sec / len(coords) * n_coords / A.shape[0]
@@ -368,14 +423,11 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
             if engine == "factored" and not certified:
                 continue
             if engine == "closed_form" and "closed_form" in shared:
-                D, sec = shared["closed_form"]
+                D, sec = shared["closed_form"]  # eq. 19 does not depend on the target
             else:
-                fn = jax.jit(lambda v, a, engine=engine, target=target:
-                             deriv.diagonal_derivatives(
-                                 None, a, engine, head=head_of(v), target=target, class_idx=cls,
-                                 certified=certified, linear_head=model.linear_head(v, layer)))
+                fn = jax.jit(engine_fn(model, layer, x, cls, engine, target, certified))
                 D, sec = _timed(fn, variables, A)
-            if engine == "closed_form":  # eq. 19 does not depend on the target
+            if engine == "closed_form":
                 shared["closed_form"] = (D, sec)
             full[engine] = D
             row["seconds"][engine] = sec
@@ -390,19 +442,19 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
                     # exact zeros of a rectified layer sit on kinks of what follows (a
                     # ReLU at 0, a max-pool window of zeros is a tie): not candidates; the
                     # oracle refuses the other kinks it meets
-                    nonzero = coords[np.asarray(A[0]).ravel()[coords] != 0]
+                    nonzero = raw[np.asarray(A[0]).ravel()[raw] != 0]
                     if nonzero.size == 0:
                         raise ValueError("every sampled activation of image 0 is exactly 0 "
                                          "(dead units): no differentiable point to check")
-                    fd_all = _finite_differences(model, variables, A, layer, config.targets,
+                    fd_all = _finite_differences(model, variables, A, x, layer, config.targets,
                                                  np.asarray(cls), nonzero, config.fd_coords,
                                                  config.seed)
                 except Exception as err:  # noqa: BLE001 - reported, not hidden
                     fd_all = {"error": f"{type(err).__name__}: {err}"}
             row["finite_differences"] = dict(fd_all) if "error" in fd_all else fd_all[target]
         exact = full.get("factored")
-        if exact is None:
-            fn = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives(f_of(v), a))
+        if exact is None:  # taylor on every grid coordinate (a ViT's row_head where it has one)
+            fn = jax.jit(engine_fn(model, layer, x, cls, "taylor", target, certified))
             exact, sec = _timed(fn, variables, A)
             row["seconds"]["taylor_full"] = sec
         maps = {name: maps_from(D) for name, D in [("exact", exact)] + [
@@ -433,8 +485,10 @@ def run(config: Config) -> dict[str, Any]:
     partial_file = out_dir / "results.json"
     if partial_file.exists():  # resume: keep finished layers of a run with the same config
         previous = json.loads(partial_file.read_text())
-        # which inits are studied, plots and progress bars do not change a row's numbers
-        same = lambda c: {k: v for k, v in c.items() if k not in ("inits", "plots", "progress")}
+        # rows are keyed by (arch, layer, init): which models and inits are studied, plots
+        # and progress bars do not change a row's numbers
+        same = lambda c: {k: v for k, v in c.items()
+                          if k not in ("models", "inits", "plots", "progress")}
         if same(previous.get("config", {})) == same(json.loads(json.dumps(results["config"]))):
             # rows whose finite differences came from the previous oracle (no
             # "checked" count) are recomputed
