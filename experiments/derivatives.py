@@ -91,22 +91,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--models", nargs="+", default=None,
                    help=f"arch:layer,layer ... (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--targets", nargs="+", default=None, choices=TARGETS)
-    p.add_argument("--num-images", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--coords", type=int, default=None)
-    p.add_argument("--fd-coords", type=int, default=None)
+    for flag in ("num-images", "image-size", "num-classes", "coords", "fd-coords",
+                 "train-images", "train-epochs", "train-image-size", "seed"):
+        p.add_argument(f"--{flag}", type=int, default=None)
     p.add_argument("--inits", nargs="+", default=None, choices=INITS,
                    help="trained (briefly, on the synthetic lesion set) and/or random "
                         "(default: both)")
-    p.add_argument("--train-images", type=int, default=None)
-    p.add_argument("--train-epochs", type=int, default=None)
-    p.add_argument("--train-image-size", type=int, default=None)
     p.add_argument("--checkpoint", default=None,
                    help="a jaxcam checkpoint directory or a training run's folder (e.g. "
                         "runs/ham10000: its best model); its arch replaces --models' archs")
     p.add_argument("--out", default=None)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration for CI")
@@ -122,10 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         train_images=a.train_images, train_epochs=a.train_epochs,
         train_image_size=a.train_image_size,
     ).items() if v is not None}
-    if a.no_plots:
-        updates["plots"] = False
-    if a.no_progress:
-        updates["progress"] = False
+    updates.update({k: False for k in ("plots", "progress") if getattr(a, f"no_{k}")})
     config = dataclasses.replace(base, **updates)
     for name in ("num_images", "image_size", "num_classes", "coords", "train_images",
                  "train_epochs", "train_image_size"):
@@ -135,12 +126,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(f"--checkpoint {config.checkpoint}: no such file or directory")
     from jaxcam.data import synthetic
 
-    if "trained" in config.inits and config.checkpoint is None:
-        if config.num_classes != synthetic.NUM_CLASSES:
-            raise SystemExit(
-                f"--num-classes {config.num_classes}: the models trained here learn the "
-                f"synthetic lesion set's {synthetic.NUM_CLASSES} classes; use --inits random "
-                "for another class count.")
+    if "trained" in config.inits and config.checkpoint is None and (
+            config.num_classes != synthetic.NUM_CLASSES):
+        raise SystemExit(
+            f"--num-classes {config.num_classes}: the models trained here learn the "
+            f"synthetic lesion set's {synthetic.NUM_CLASSES} classes; use --inits random "
+            "for another class count.")
     for flag, size in (("--image-size", config.image_size),
                        ("--train-image-size", config.train_image_size)):
         try:
@@ -149,15 +140,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             raise SystemExit(f"{flag} {size}: {err}") from None
     import jaxcam
 
+    trained = "trained" in config.inits and config.checkpoint is None
     for arch, _ in _parse_models(config.models):
         if arch not in jaxcam.models.ARCHS:
             raise SystemExit(f"--models: unknown architecture {arch!r}; use one of "
                              f"{', '.join(jaxcam.models.ARCHS)}.")
-        patch = getattr(getattr(jaxcam.models.get(arch, 4), "config", None), "patch_size", None)
-        sizes = [("--image-size", config.image_size)] + (
-            [("--train-image-size", config.train_image_size)]
-            if "trained" in config.inits and config.checkpoint is None else [])
-        for flag, size in sizes:
+        patch = getattr(getattr(jaxcam.models.get(arch, 4), "config", None), "patch_size", 0)
+        for flag, size in [("--image-size", config.image_size)] + trained * [
+                ("--train-image-size", config.train_image_size)]:
             if patch and size % patch:
                 raise SystemExit(
                     f"{flag} {size}: {arch} cuts images into {patch} px patches, so the side "
@@ -247,9 +237,8 @@ def _trained_variables(model, variables, config: Config, out_dir: Path):
 
 
 def _timed(fn, *args):
-    """(fn(*args), seconds of that one call without compilation). ``fn`` is jitted:
-    compiled ahead of time, then run once (not run twice to warm up: several engines take
-    seconds per call on a CPU)."""
+    """(fn(*args), seconds of that one call without compilation): compiled ahead of
+    time, then run once (several engines take seconds per call on a CPU)."""
     import jax
 
     compiled = fn.lower(*args).compile()
@@ -264,19 +253,16 @@ FD_RTOL = 1e-6  # an FD estimate is trusted when its error bound is below this t
 def _finite_differences(model, variables, A, x, layer, targets, cls, candidates, count, seed):
     """taylor (float64) vs float64 finite differences (:mod:`jaxcam.testing`) on image 0.
 
-    ``A``: the activations as the model gives them (a grid or tokens); ``candidates``:
-    flat indices into ``A[0]``; ``x``: the images (the ViT head recomputes the residual
-    stream that crosses the cut from them). The oracle estimates each coordinate's
-    ``D1, D2, D3`` for every target (one batched head call per step level; the targets
-    are functions of its logits) with an error bound, and refuses coordinates where no
-    step gives a trustworthy estimate: a kink of the ReLU / max-pool head within reach
-    of every resolvable step, round-off dominating, values not finite. A coordinate is
-    kept when every target and order is trusted at ``FD_RTOL`` of the scale
-    (:func:`jaxcam.testing.derivative_scale` of ``taylor`` over all ``candidates``);
-    refused ones are replaced by the next candidates (in a fixed random order) until
-    ``count`` are kept. Errors are relative to that scale. Returns ``{target: {"D1":
-    stats, ..., "checked", "refused", "tried"}}``.
-    """
+    ``A`` as the model gives it (grid or tokens), ``candidates`` flat indices into
+    ``A[0]``, ``x`` the images (a ViT head recomputes the residual stream from them).
+    The oracle estimates every target's ``D1, D2, D3`` (one head call per step level)
+    with an error bound and refuses coordinates where no step is trustworthy (a kink of
+    a ReLU / max-pool head within reach of every resolvable step, round-off, non-finite
+    values). A coordinate is kept when every target and order is trusted at ``FD_RTOL``
+    of the scale (:func:`jaxcam.testing.derivative_scale` of ``taylor`` over all
+    ``candidates``); refused ones are replaced by the next candidates (fixed random
+    order) until ``count`` are kept. Errors are relative to that scale. Returns
+    ``{target: {"D1": stats, ..., "checked", "refused", "tried"}}``."""
     import jax
     import jax.numpy as jnp
 
@@ -331,11 +317,10 @@ def _finite_differences(model, variables, A, x, layer, targets, cls, candidates,
 
 
 def engine_fn(model, layer, x, cls, engine, target, certified, *, row_head=True):
-    """``(variables, A) -> (D1, D2, D3)`` of ``engine`` for ``target``, on the model's
-    (B, h, w, K) grid (``model.to_grid``; ``A`` as :meth:`features` gives it), through
-    :func:`jaxcam.derivatives.target_derivatives`. ``taylor`` uses the model's
-    ``row_head`` where it has one (a ViT at its last block's first LayerNorm: only the
-    class token's path per coordinate) unless ``row_head=False``."""
+    """``(variables, A) -> (D1, D2, D3)`` of ``engine`` for ``target`` on the model's
+    (B, h, w, K) grid (``model.to_grid``) by :func:`jaxcam.derivatives.target_derivatives`;
+    ``taylor`` uses the model's ``row_head`` where it has one (a ViT's last ``ln_1``: the
+    class token's path only) unless ``row_head=False``."""
     from jaxcam import derivatives as deriv
     from jaxcam import targets as targets_lib
 
@@ -351,16 +336,6 @@ def engine_fn(model, layer, x, cls, engine, target, certified, *, row_head=True)
             row_head=None if rows is None else rows(v, a, layer, x=x))
         return D.true()
     return fn
-
-
-def grid_index(model, A, layer) -> np.ndarray:
-    """For each cell of the (h, w, K) grid (row-major), its flat index into ``A[0]``
-    (tokens or grid): the identity for a conv layer, the class token skipped for a ViT."""
-    import jax.numpy as jnp
-
-    n = int(np.prod(A.shape[1:]))
-    return np.asarray(model.to_grid(jnp.arange(n, dtype=jnp.int32).reshape((1,) + A.shape[1:]),
-                                    layer)).ravel()
 
 
 def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, Any]:
@@ -379,7 +354,10 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
     cls = jnp.argmax(logits, -1).astype(jnp.int32)
     certified = deriv.is_piecewise_linear(head_of(variables), A)
     Ag = model.to_grid(A, layer)  # (B, h, w, K): what alphas and maps are computed on
-    index = grid_index(model, A, layer)
+    # each grid cell's flat index into A[0]: the identity for a conv layer, the class
+    # token skipped for a ViT
+    index = np.asarray(model.to_grid(jnp.arange(A[0].size, dtype=jnp.int32).reshape(
+        (1,) + A.shape[1:]), layer)).ravel()
     n_coords = index.size
     coords = np.sort(rng.choice(n_coords, size=min(config.coords, n_coords), replace=False))
     raw = index[coords]  # the sampled grid cells' indices into A[0]
@@ -486,10 +464,10 @@ def run(config: Config) -> dict[str, Any]:
     partial_file = out_dir / "results.json"
     if partial_file.exists():  # resume: keep finished layers of a run with the same config
         previous = json.loads(partial_file.read_text())
-        # rows are keyed by (arch, layer, init): which models and inits are studied, plots
-        # and progress bars do not change a row's numbers
+        # rows are keyed by (arch, layer, init): which models and inits are studied, the
+        # folder, plots and progress bars do not change a row's numbers
         same = lambda c: {k: v for k, v in c.items()
-                          if k not in ("models", "inits", "plots", "progress")}
+                          if k not in ("models", "inits", "out", "plots", "progress")}
         if same(previous.get("config", {})) == same(json.loads(json.dumps(results["config"]))):
             # rows whose finite differences came from the previous oracle (no
             # "checked" count) are recomputed
@@ -572,87 +550,69 @@ def _fmt(s: dict[str, float]) -> str:
     return f"{s['median']:.1e} / {s['p99']:.1e} / {s['max']:.1e}"
 
 
+def _table(title: str, columns: Sequence[str], rows: Sequence[str], note: str = "") -> list[str]:
+    return ["", f"## {title}", ""] + ([note, ""] if note else []) + [
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + list(rows)
+
+
+def _fd_cells(fd: dict[str, Any]) -> str:
+    if "error" in fd:
+        return f"{fd['error']} | | | | |"
+    refused = ", ".join(f"{v} {k}" for k, v in sorted(fd["refused"].items())) or "none"
+    cells = [_fmt(fd[f"D{n}"]) if f"D{n}" in fd else "-" for n in (1, 2, 3)]
+    bound = " / ".join(f"{fd[f'D{n}_bound']:.0e}" for n in (1, 2, 3) if f"D{n}_bound" in fd)
+    return f"{fd['checked']} ({fd['tried']}; {refused}) | " + " | ".join(cells) + \
+        f" | {bound or '-'} |"
+
+
 def markdown(results: dict[str, Any]) -> str:
-    cfg = results["config"]
+    cfg, models = results["config"], results["models"]
+    per_target = [(m, t, row) for m in models for t, row in m["targets"].items()]
+    base = ["model", "layer", "init", "target"]
+    times = ("taylor_sampled", "taylor_full_per_image_est", "taylor_full") + ENGINES
     lines = [
-        "# Derivative correctness of Grad-CAM++ inputs",
-        "",
+        "# Derivative correctness of Grad-CAM++ inputs", "",
         f"Images: {cfg['num_images']} held-out synthetic lesions, {cfg['image_size']} px; "
         f"{cfg['coords']} sampled coordinates per layer for the `taylor` ground truth; "
-        "errors are |x - truth| / "
-        "max|truth| per image (absolute where the truth is identically 0), as median / p99 / max.",
+        "errors are |x - truth| / max|truth| per image (absolute where the truth is "
+        "identically 0), as median / p99 / max.",
         "Regenerate: `python -m experiments.derivatives` (add `--checkpoint DIR` for your own "
         "trained model). `init`: `trained` = trained briefly here on the synthetic lesion set, "
-        "`random` = random initialisation (a control).",
-        "",
-    ]
-    for arch, t in results.get("training", {}).items():
-        lines.append(f"- {arch}: {t['note']}")
-    lines += [
-        "",
-        "## Certificate (head piecewise linear?)",
-        "",
-        "| model | layer | init | activations | coordinates | piecewise linear |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in results["models"]:
-        lines.append(f"| {m['arch']} | {m['layer']} | {m['init']} | {m['activation_shape']} | "
-                     f"{m['coordinates']} | {'yes' if m['certified'] else 'no'} |")
-    lines += ["", "## D2, D3, alpha vs taylor (median / p99 / max relative error)", "",
-              "| model | layer | init | target | engine | D2 | D3 | alpha |",
-              "|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            for e, errs in row["errors"].items():
-                lines.append(f"| {_key(m)} | {t} | {e} | {_fmt(errs['D2'])} | "
-                             f"{_fmt(errs['D3'])} | {_fmt(errs['alpha'])} |")
-    lines += ["", "## taylor (float64) vs float64 finite differences (image 0)", "",
-              "`jaxcam.testing`'s oracle: steps from each line's own scale, an error bound "
-              f"per estimate; a coordinate is checked when every target and order is trusted "
-              f"(bound <= {FD_RTOL:g} of the scale, max |taylor| over the sampled coordinates), "
-              "else refused and replaced. Errors relative to that scale; `bound`: the largest "
-              "error bound of the checked estimates (D1 / D2 / D3).", "",
-              "| model | layer | init | target | checked (tried; refused) | D1 | D2 | D3 "
-              "| bound |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            fd = row.get("finite_differences")
-            if not fd:
-                continue
-            if "error" in fd:
-                lines.append(f"| {_key(m)} | {t} | {fd['error']} | | | | |")
-                continue
-            refused = ", ".join(f"{v} {k}" for k, v in sorted(fd["refused"].items())) or "none"
-            cells = [_fmt(fd[f"D{n}"]) if f"D{n}" in fd else "-" for n in (1, 2, 3)]
-            bound = " / ".join(f"{fd[f'D{n}_bound']:.0e}" for n in (1, 2, 3)
-                               if f"D{n}_bound" in fd) or "-"
-            lines.append(f"| {_key(m)} | {t} | {fd['checked']} ({fd['tried']}; {refused}) | "
-                         + " | ".join(cells) + f" | {bound} |")
-    lines += ["", "## Map-level effect (Grad-CAM++ maps, mean over images)", "",
-              "| model | layer | init | target | comparison | Pearson | Spearman | top-20% IoU "
-              "| max abs diff |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            note = " (exact D2 == 0: degenerate)" if row["exact_D2_identically_zero"] else ""
-            for comp, s in row["maps"].items():
-                lines.append(f"| {_key(m)} | {t}{note} | {comp} | "
-                             f"{s['pearson']:.4f} | {s['spearman']:.4f} | {s['iou_top20']:.3f} | "
-                             f"{s['max_abs_diff']:.2e} |")
-    lines += ["", "## Engine time (seconds per call on the whole batch, after compilation)", "",
-              "`taylor full`: the exact map where `factored` does not apply (a ViT's `row_head` "
-              "where it has one); the estimate is the sampled generic pass scaled up.", "",
-              "| model | layer | init | target | " + " | ".join(
-                  ("taylor (sampled)", "taylor full / image (est.)", "taylor full")
-                  + ENGINES) + " |", "|---|---|---|---|" + "---|" * 6]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            s = row["seconds"]
-            cells = [s.get(k) for k in ("taylor_sampled", "taylor_full_per_image_est",
-                                         "taylor_full")] + [
-                s.get(e) for e in ENGINES]
-            lines.append(f"| {_key(m)} | {t} | " + " | ".join(
-                "-" if c is None else f"{c:.3g}" for c in cells) + " |")
+        "`random` = random initialisation (a control).", "",
+    ] + [f"- {arch}: {t['note']}" for arch, t in results.get("training", {}).items()]
+    lines += _table("Certificate (head piecewise linear?)", base[:3] + [
+        "activations", "coordinates", "piecewise linear"], [
+        f"| {_key(m)} | {m['activation_shape']} | {m['coordinates']} | "
+        f"{'yes' if m['certified'] else 'no'} |" for m in models])
+    lines += _table("D2, D3, alpha vs taylor (median / p99 / max relative error)", base + [
+        "engine", "D2", "D3", "alpha"], [
+        f"| {_key(m)} | {t} | {e} | {_fmt(errs['D2'])} | {_fmt(errs['D3'])} | "
+        f"{_fmt(errs['alpha'])} |" for m, t, row in per_target
+        for e, errs in row["errors"].items()])
+    lines += _table(
+        "taylor (float64) vs float64 finite differences (image 0)", base + [
+            "checked (tried; refused)", "D1", "D2", "D3", "bound"],
+        [f"| {_key(m)} | {t} | " + _fd_cells(row["finite_differences"])
+         for m, t, row in per_target if row.get("finite_differences")],
+        "`jaxcam.testing`'s oracle: steps from each line's own scale, an error bound per "
+        "estimate; a coordinate is checked when every target and order is trusted (bound <= "
+        f"{FD_RTOL:g} of the scale, max |taylor| over the sampled coordinates), else refused "
+        "and replaced. Errors relative to that scale; `bound`: the largest error bound of the "
+        "checked estimates (D1 / D2 / D3).")
+    lines += _table("Map-level effect (Grad-CAM++ maps, mean over images)", base + [
+        "comparison", "Pearson", "Spearman", "top-20% IoU", "max abs diff"], [
+        f"| {_key(m)} | {t}{' (exact D2 == 0: degenerate)' * row['exact_D2_identically_zero']}"
+        f" | {comp} | {s['pearson']:.4f} | {s['spearman']:.4f} | {s['iou_top20']:.3f} | "
+        f"{s['max_abs_diff']:.2e} |" for m, t, row in per_target
+        for comp, s in row["maps"].items()])
+    lines += _table(
+        "Engine time (seconds per call on the whole batch, after compilation)", base + [
+            "taylor (sampled)", "taylor full / image (est.)", "taylor full", *ENGINES],
+        [f"| {_key(m)} | {t} | " + " | ".join(
+            "-" if row["seconds"].get(k) is None else f"{row['seconds'][k]:.3g}"
+            for k in times) + " |" for m, t, row in per_target],
+        "`taylor full`: the exact map where `factored` does not apply (a ViT's `row_head` "
+        "where it has one); the estimate is the sampled generic pass scaled up.")
     return "\n".join(lines) + "\n"
 
 
@@ -666,16 +626,15 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
 
     image = np.clip(np.asarray(x[0]) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
     for m in results["models"]:
+        if not all("_log_err" in row for row in m["targets"].values()):
+            continue  # a layer kept from a resumed run has no arrays to plot
         tag = f"{m['arch']}_{m['layer']}_{m['init']}".replace(".", "_")
         fig, axes = plt.subplots(1, len(m["targets"]), figsize=(4 * len(m["targets"]), 3),
                                  squeeze=False)
-        if not all("_log_err" in row for row in m["targets"].values()):
-            plt.close(fig)
-            continue  # a layer kept from a resumed run has no arrays to plot
         for ax, (t, row) in zip(axes[0], m["targets"].items(), strict=True):
             for e, v in row["_log_err"].items():
                 ax.hist(v, bins=30, alpha=0.5, label=e)
-            ax.set_title(f"{t}: log10 rel. error of D2")
+            ax.set(title=f"{t}: log10 rel. error of D2")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / f"errors_{tag}.png", dpi=80)
@@ -686,8 +645,7 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
             fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3))
             for ax, (title, im) in zip(axes, panels, strict=True):
                 ax.imshow(im, cmap=None if im.ndim == 3 else "jet", vmin=0, vmax=1)
-                ax.set_title(title)
-                ax.axis("off")
+                ax.set(title=title, xticks=[], yticks=[])
             fig.suptitle(f"{m['arch']} {m['layer']} ({m['init']}) target={t}")
             fig.savefig(out_dir / f"maps_{tag}_{t}.png", dpi=80)
             plt.close(fig)
