@@ -39,6 +39,7 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "resnet50:layer4,layer3",
     "vgg19:default,pool5",
     "efficientnet_b0:features.8,features.7",
+    "vit_b_16:default",
 )
 TARGETS: tuple[str, ...] = ("exp", "softmax", "log_softmax", "logit", "rest")
 ENGINES: tuple[str, ...] = ("factored", "closed_form", "nested_sum")
@@ -46,6 +47,9 @@ INITS: tuple[str, ...] = ("trained", "random")
 # seeds of the studied images, disjoint from the synthetic TFDS splits' (which derive
 # their own streams from the builder seed)
 EVAL_SEED_TAG = 0x5EED_D0
+# a resumed run keeps rows of the same version only: bump it when a change alters the
+# numbers of a row (2: jaxcam.testing's FD oracle, the model protocol's grid and head(x=))
+STUDY_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,22 +94,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--models", nargs="+", default=None,
                    help=f"arch:layer,layer ... (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--targets", nargs="+", default=None, choices=TARGETS)
-    p.add_argument("--num-images", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--coords", type=int, default=None)
-    p.add_argument("--fd-coords", type=int, default=None)
+    for flag in ("num-images", "image-size", "num-classes", "coords", "fd-coords",
+                 "train-images", "train-epochs", "train-image-size", "seed"):
+        p.add_argument(f"--{flag}", type=int, default=None)
     p.add_argument("--inits", nargs="+", default=None, choices=INITS,
                    help="trained (briefly, on the synthetic lesion set) and/or random "
                         "(default: both)")
-    p.add_argument("--train-images", type=int, default=None)
-    p.add_argument("--train-epochs", type=int, default=None)
-    p.add_argument("--train-image-size", type=int, default=None)
     p.add_argument("--checkpoint", default=None,
                    help="a jaxcam checkpoint directory or a training run's folder (e.g. "
                         "runs/ham10000: its best model); its arch replaces --models' archs")
     p.add_argument("--out", default=None)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tiny", action="store_true", help="a seconds-long configuration for CI")
@@ -121,10 +119,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         train_images=a.train_images, train_epochs=a.train_epochs,
         train_image_size=a.train_image_size,
     ).items() if v is not None}
-    if a.no_plots:
-        updates["plots"] = False
-    if a.no_progress:
-        updates["progress"] = False
+    updates.update({k: False for k in ("plots", "progress") if getattr(a, f"no_{k}")})
     config = dataclasses.replace(base, **updates)
     for name in ("num_images", "image_size", "num_classes", "coords", "train_images",
                  "train_epochs", "train_image_size"):
@@ -134,22 +129,33 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         raise SystemExit(f"--checkpoint {config.checkpoint}: no such file or directory")
     from jaxcam.data import synthetic
 
-    if "trained" in config.inits and config.checkpoint is None:
-        if config.num_classes != synthetic.NUM_CLASSES:
-            raise SystemExit(
-                f"--num-classes {config.num_classes}: the models trained here learn the "
-                f"synthetic lesion set's {synthetic.NUM_CLASSES} classes; use --inits random "
-                "for another class count.")
+    if "trained" in config.inits and config.checkpoint is None and (
+            config.num_classes != synthetic.NUM_CLASSES):
+        raise SystemExit(
+            f"--num-classes {config.num_classes}: the models trained here learn the "
+            f"synthetic lesion set's {synthetic.NUM_CLASSES} classes; use --inits random "
+            "for another class count.")
     for flag, size in (("--image-size", config.image_size),
                        ("--train-image-size", config.train_image_size)):
         try:
             synthetic.SyntheticConfig(image_size=size)
         except ValueError as err:
             raise SystemExit(f"{flag} {size}: {err}") from None
+    import jaxcam
+
+    trained = "trained" in config.inits and config.checkpoint is None
     for arch, _ in _parse_models(config.models):
-        if arch not in ("resnet50", "vgg19", "efficientnet_b0"):
-            raise SystemExit(f"--models: unknown architecture {arch!r}; use resnet50, vgg19 "
-                             "or efficientnet_b0.")
+        if arch not in jaxcam.models.ARCHS:
+            raise SystemExit(f"--models: unknown architecture {arch!r}; use one of "
+                             f"{', '.join(jaxcam.models.ARCHS)}.")
+        patch = getattr(getattr(jaxcam.models.get(arch, 4), "config", None), "patch_size", 0)
+        for flag, size in [("--image-size", config.image_size)] + trained * [
+                ("--train-image-size", config.train_image_size)]:
+            if patch and size % patch:
+                raise SystemExit(
+                    f"{flag} {size}: {arch} cuts images into {patch} px patches, so the side "
+                    f"must be a multiple of {patch} (e.g. {max(size // patch, 2) * patch} or "
+                    f"{(size // patch + 1) * patch})")
     return config
 
 
@@ -175,20 +181,20 @@ def error_stats(got: np.ndarray, truth: np.ndarray) -> dict[str, float]:
             "max": float(err.max())}
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    r = np.empty(x.size)
-    r[np.argsort(x, kind="stable")] = np.arange(x.size)
-    return r
-
-
 def map_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Mean over images of Pearson, Spearman, top-20% IoU and max |a - b| of (B, H, W) maps."""
+    """Mean over images of Pearson, Spearman (:func:`jaxcam.metrics.agreement.spearman`,
+    ties at their average rank), top-20% IoU and max |a - b| of (B, H, W) maps; an image
+    whose map is constant (no correlation) is left out of the correlations' means."""
+    from jaxcam.metrics import agreement
+
+    spearman = np.asarray(agreement.spearman(np.asarray(a, np.float32), np.asarray(b, np.float32)))
     rows = []
-    for x, y in zip(np.asarray(a, np.float64), np.asarray(b, np.float64), strict=True):
+    for x, y, rho in zip(np.asarray(a, np.float64), np.asarray(b, np.float64), spearman,
+                         strict=True):
         x, y = x.ravel(), y.ravel()
-        pear = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
-        rx, ry = _ranks(x), _ranks(y)
-        spear = float(np.corrcoef(rx, ry)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+        ok = x.std() > 0 and y.std() > 0
+        pear = float(np.corrcoef(x, y)[0, 1]) if ok else float("nan")
+        spear = float(rho) if ok else float("nan")
         k = max(1, int(round(0.2 * x.size)))
         tx, ty = set(np.argsort(-x)[:k]), set(np.argsort(-y)[:k])
         rows.append((pear, spear, len(tx & ty) / len(tx | ty), float(np.abs(x - y).max())))
@@ -234,9 +240,8 @@ def _trained_variables(model, variables, config: Config, out_dir: Path):
 
 
 def _timed(fn, *args):
-    """(fn(*args), seconds of that one call without compilation). ``fn`` is jitted:
-    compiled ahead of time, then run once (not run twice to warm up: several engines take
-    seconds per call on a CPU)."""
+    """(fn(*args), seconds of that one call without compilation): compiled ahead of
+    time, then run once (several engines take seconds per call on a CPU)."""
     import jax
 
     compiled = fn.lower(*args).compile()
@@ -248,20 +253,19 @@ def _timed(fn, *args):
 FD_RTOL = 1e-6  # an FD estimate is trusted when its error bound is below this times the scale
 
 
-def _finite_differences(model, variables, A, layer, targets, cls, candidates, count, seed):
+def _finite_differences(model, variables, A, x, layer, targets, cls, candidates, count, seed):
     """taylor (float64) vs float64 finite differences (:mod:`jaxcam.testing`) on image 0.
 
-    The oracle estimates each coordinate's ``D1, D2, D3`` for every target (one batched
-    head call per step level; the targets are functions of its logits) with an error
-    bound, and refuses coordinates where no step gives a trustworthy estimate: a kink
-    of the ReLU / max-pool head within reach of every resolvable step, round-off
-    dominating, values not finite. A coordinate is kept when every target and order
-    is trusted at ``FD_RTOL`` of the scale (:func:`jaxcam.testing.derivative_scale` of
-    ``taylor`` over all ``candidates``); refused ones are replaced by the next
-    candidates (in a fixed random order) until ``count`` are kept. Errors are relative
-    to that scale. Returns ``{target: {"D1": stats, ..., "checked", "refused",
-    "tried"}}``.
-    """
+    ``A`` as the model gives it (grid or tokens), ``candidates`` flat indices into
+    ``A[0]``, ``x`` the images (a ViT head recomputes the residual stream from them).
+    The oracle estimates every target's ``D1, D2, D3`` (one head call per step level)
+    with an error bound and refuses coordinates where no step is trustworthy (a kink of
+    a ReLU / max-pool head within reach of every resolvable step, round-off, non-finite
+    values). A coordinate is kept when every target and order is trusted at ``FD_RTOL``
+    of the scale (:func:`jaxcam.testing.derivative_scale` of ``taylor`` over all
+    ``candidates``); refused ones are replaced by the next candidates (fixed random
+    order) until ``count`` are kept. Errors are relative to that scale. Returns
+    ``{target: {"D1": stats, ..., "checked", "refused", "tried"}}``."""
     import jax
     import jax.numpy as jnp
 
@@ -273,22 +277,24 @@ def _finite_differences(model, variables, A, layer, targets, cls, candidates, co
     jax.config.update("jax_enable_x64", True)
     try:
         v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
-        A64 = jnp.asarray(A[:1], jnp.float64)
+        A64, x64 = jnp.asarray(A[:1], jnp.float64), jnp.asarray(x[:1], jnp.float64)
         c = jnp.asarray(cls[:1])
         phis = [targets_lib.get_target(t) for t in targets]
         candidates = np.random.default_rng([seed, 0xFD]).permutation(np.asarray(candidates))
         truth = []  # (targets, candidates, 3)
         for phi in phis:
-            f = partial(jax.jit(lambda v, a, phi=phi: jax.vmap(phi)(model.head(v, a, layer), c)),
-                        v64)
+            f = partial(jax.jit(lambda v, a, phi=phi: jax.vmap(phi)(
+                model.head(v, a, layer, x=x64), c)), v64)
             truth.append(np.stack([np.asarray(d)[0] for d in deriv.taylor_derivatives_at(
                 f, A64, jnp.asarray(candidates))], -1))
         truth = np.stack(truth, 1)  # (candidates, targets, 3)
         a0 = np.asarray(A64[0])
         scale = testing.derivative_scale(truth, float(np.sqrt(np.mean(a0**2))) or 1.0)
 
-        def scores(v, pts):  # (P, targets): every target of one head call
-            logits = model.head(v, pts, layer)
+        def scores(v, pts):  # (P, targets): every target of one head call per point
+            # vmapped per point: what depends on x alone (a ViT's residual stream) is
+            # computed once, not once per point
+            logits = jax.vmap(lambda p: model.head(v, p[None], layer, x=x64)[0])(pts)
             return jnp.stack([jax.vmap(phi, in_axes=(0, None))(logits, c[0]) for phi in phis],
                              -1)
 
@@ -313,6 +319,28 @@ def _finite_differences(model, variables, A, layer, targets, cls, candidates, co
         jax.config.update("jax_enable_x64", previous)
 
 
+def engine_fn(model, layer, x, cls, engine, target, certified, *, row_head=True):
+    """``(variables, A) -> (D1, D2, D3)`` of ``engine`` for ``target`` on the model's
+    (B, h, w, K) grid (``model.to_grid``) by :func:`jaxcam.derivatives.target_derivatives`;
+    ``taylor`` uses the model's ``row_head`` where it has one (a ViT's last ``ln_1``: the
+    class token's path only) unless ``row_head=False``."""
+    from jaxcam import derivatives as deriv
+    from jaxcam import targets as targets_lib
+
+    tgt = targets_lib.as_target(target)
+    rows = getattr(model, "row_head", None) if row_head and engine == "taylor" else None
+
+    def fn(v, a):
+        D, _ = deriv.target_derivatives(
+            lambda a: model.head(v, a, layer, x=x), a, tgt, cls,
+            targets_lib.per_image_data(tgt, a.shape[0]), engine=engine, certified=certified,
+            to_grid=lambda t: model.to_grid(t, layer),
+            linear_head=model.linear_head(v, layer) if a.ndim == 4 else None,
+            row_head=None if rows is None else rows(v, a, layer, x=x))
+        return D.true()
+    return fn
+
+
 def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
@@ -321,19 +349,26 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
     from jaxcam import methods
     from jaxcam import targets as targets_lib
 
-    A = jax.jit(lambda v, x: model.features(v, x, layer))(variables, x)
+    A = jax.jit(lambda v, x: model.features(v, x, layer))(variables, x)  # grid or tokens
     # jitted functions take the variables as an argument: closing over them would
     # make XLA constant-fold the weights (minutes for VGG19's classifier)
-    head_of = lambda v: (lambda a: model.head(v, a, layer))
-    head = head_of(variables)
-    logits = jax.jit(lambda v, a: model.head(v, a, layer))(variables, A)
+    head_of = lambda v: (lambda a: model.head(v, a, layer, x=x))
+    logits = jax.jit(lambda v, a: head_of(v)(a))(variables, A)
     cls = jnp.argmax(logits, -1).astype(jnp.int32)
-    certified = deriv.is_piecewise_linear(head, A)
-    n_coords = int(np.prod(A.shape[1:]))
+    certified = deriv.is_piecewise_linear(head_of(variables), A)
+    Ag = model.to_grid(A, layer)  # (B, h, w, K): what alphas and maps are computed on
+    # each grid cell's flat index into A[0]: the identity for a conv layer, the class
+    # token skipped for a ViT
+    index = np.asarray(model.to_grid(jnp.arange(A[0].size, dtype=jnp.int32).reshape(
+        (1,) + A.shape[1:]), layer)).ravel()
+    n_coords = index.size
     coords = np.sort(rng.choice(n_coords, size=min(config.coords, n_coords), replace=False))
-    sum_a = np.asarray(A.sum((1, 2)))[:, coords % A.shape[-1]][:, None, None, :]
-    out: dict[str, Any] = {"layer": layer, "activation_shape": list(A.shape[1:]),
+    raw = index[coords]  # the sampled grid cells' indices into A[0]
+    sum_a = np.asarray(Ag.sum((1, 2)))[:, coords % Ag.shape[-1]][:, None, None, :]
+    out: dict[str, Any] = {"layer": layer, "activation_shape": list(Ag.shape[1:]),
                            "coordinates": n_coords, "certified": certified, "targets": {}}
+    if A.shape != Ag.shape:
+        out["token_shape"] = list(A.shape[1:])
 
     def alpha_at(D2, D3):  # alphas (B, n) from D2, D3 at the sampled coordinates
         return np.asarray(methods.gradcam_pp_alpha(
@@ -341,23 +376,24 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
         ))[:, 0, 0, :]
 
     def maps_from(D):
-        w = methods.gradcam_pp_weights(A, *D)
-        raw = methods.weighted_map(A, w)
-        return np.asarray(methods.normalize_maps(methods.upsample(raw, x.shape[1:3]))[0])
+        w = methods.gradcam_pp_weights(Ag, *D)
+        raw_map = methods.weighted_map(Ag, w)
+        return np.asarray(methods.normalize_maps(methods.upsample(raw_map, x.shape[1:3]))[0])
 
-    g = jax.jit(jax.grad(lambda a, v: jnp.sum(
-        model.head(v, a, layer)[jnp.arange(A.shape[0]), cls])))(A, variables)
+    g = model.to_grid(jax.jit(jax.grad(lambda a, v: jnp.sum(
+        head_of(v)(a)[jnp.arange(A.shape[0]), cls])))(A, variables), layer)
     gradcam = np.asarray(methods.normalize_maps(methods.upsample(
-        methods.weighted_map(A, methods.gradcam_weights(g)), x.shape[1:3]))[0])
+        methods.weighted_map(Ag, methods.gradcam_weights(g)), x.shape[1:3]))[0])
 
     shared: dict[str, Any] = {}
     fd_all = None  # finite differences of every target, computed once per layer
     for target in config.targets:
         phi = targets_lib.get_target(target)
-        f_of = lambda v, phi=phi: (lambda a: jax.vmap(phi)(model.head(v, a, layer), cls))
+        f_of = lambda v, phi=phi: (lambda a: jax.vmap(phi)(head_of(v)(a), cls))
         row: dict[str, Any] = {"errors": {}, "seconds": {}, "maps": {}}
+        # the ground truth: generic taylor on the whole head at the sampled coordinates
         taylor_at = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives_at(
-            f_of(v), a, jnp.asarray(coords)))
+            f_of(v), a, jnp.asarray(raw)))
         truth, t_sec = _timed(taylor_at, variables, A)
         row["seconds"]["taylor_sampled"] = t_sec
         row["seconds"]["taylor_full_per_image_est"] = t_sec / len(coords) * n_coords / A.shape[0]
@@ -368,14 +404,11 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
             if engine == "factored" and not certified:
                 continue
             if engine == "closed_form" and "closed_form" in shared:
-                D, sec = shared["closed_form"]
+                D, sec = shared["closed_form"]  # eq. 19 does not depend on the target
             else:
-                fn = jax.jit(lambda v, a, engine=engine, target=target:
-                             deriv.diagonal_derivatives(
-                                 None, a, engine, head=head_of(v), target=target, class_idx=cls,
-                                 certified=certified, linear_head=model.linear_head(v, layer)))
+                fn = jax.jit(engine_fn(model, layer, x, cls, engine, target, certified))
                 D, sec = _timed(fn, variables, A)
-            if engine == "closed_form":  # eq. 19 does not depend on the target
+            if engine == "closed_form":
                 shared["closed_form"] = (D, sec)
             full[engine] = D
             row["seconds"][engine] = sec
@@ -390,19 +423,19 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
                     # exact zeros of a rectified layer sit on kinks of what follows (a
                     # ReLU at 0, a max-pool window of zeros is a tie): not candidates; the
                     # oracle refuses the other kinks it meets
-                    nonzero = coords[np.asarray(A[0]).ravel()[coords] != 0]
+                    nonzero = raw[np.asarray(A[0]).ravel()[raw] != 0]
                     if nonzero.size == 0:
                         raise ValueError("every sampled activation of image 0 is exactly 0 "
                                          "(dead units): no differentiable point to check")
-                    fd_all = _finite_differences(model, variables, A, layer, config.targets,
+                    fd_all = _finite_differences(model, variables, A, x, layer, config.targets,
                                                  np.asarray(cls), nonzero, config.fd_coords,
                                                  config.seed)
                 except Exception as err:  # noqa: BLE001 - reported, not hidden
                     fd_all = {"error": f"{type(err).__name__}: {err}"}
             row["finite_differences"] = dict(fd_all) if "error" in fd_all else fd_all[target]
         exact = full.get("factored")
-        if exact is None:
-            fn = jax.jit(lambda v, a, f_of=f_of: deriv.taylor_derivatives(f_of(v), a))
+        if exact is None:  # taylor on every grid coordinate (a ViT's row_head where it has one)
+            fn = jax.jit(engine_fn(model, layer, x, cls, "taylor", target, certified))
             exact, sec = _timed(fn, variables, A)
             row["seconds"]["taylor_full"] = sec
         maps = {name: maps_from(D) for name, D in [("exact", exact)] + [
@@ -413,6 +446,7 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
         row["maps"]["exact_vs_nested_sum"] = map_agreement(maps["exact"], maps["nested_sum"])
         row["maps"]["gradcampp_exact_vs_gradcam"] = map_agreement(maps["exact"], gradcam)
         row["_maps"] = {k: v[0] for k, v in maps.items()} | {"gradcam": gradcam[0]}
+        row["_exact"] = exact
         row["_log_err"] = {e: np.log10(np.abs(
             np.asarray(full[e][1]).reshape(A.shape[0], -1)[:, coords] - truth[1]).ravel()
             / max(np.abs(truth[1]).max(), 1e-30) + 1e-30) for e in full}
@@ -428,20 +462,19 @@ def run(config: Config) -> dict[str, Any]:
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     x = jax.numpy.asarray(_images(config.num_images, config.image_size, config.seed))
-    results: dict[str, Any] = {"config": dataclasses.asdict(config), "models": []}
+    results: dict[str, Any] = {"version": STUDY_VERSION, "config": dataclasses.asdict(config),
+                               "models": []}
     done: dict[tuple[str, str], Any] = {}
     partial_file = out_dir / "results.json"
     if partial_file.exists():  # resume: keep finished layers of a run with the same config
         previous = json.loads(partial_file.read_text())
-        # which inits are studied, plots and progress bars do not change a row's numbers
-        same = lambda c: {k: v for k, v in c.items() if k not in ("inits", "plots", "progress")}
-        if same(previous.get("config", {})) == same(json.loads(json.dumps(results["config"]))):
-            # rows whose finite differences came from the previous oracle (no
-            # "checked" count) are recomputed
-            done = {(m["arch"], m["layer"], m["init"]): m for m in previous["models"]
-                    if all("checked" in r.get("finite_differences", {"checked": 0})
-                           or "error" in r["finite_differences"]
-                           for r in m["targets"].values())}
+        # rows are keyed by (arch, layer, init): which models and inits are studied, the
+        # folder, plots and progress bars do not change a row's numbers
+        same = lambda c: {k: v for k, v in c.items()
+                          if k not in ("models", "inits", "out", "plots", "progress")}
+        if previous.get("version") == STUDY_VERSION and same(previous.get("config", {})) == same(
+                json.loads(json.dumps(results["config"]))):
+            done = {(m["arch"], m["layer"], m["init"]): m for m in previous["models"]}
             results["training"] = previous.get("training", {})
     specs = _parse_models(config.models)
     runs: list[tuple[str, str, list[str]]] = []  # (arch, init, layers)
@@ -517,84 +550,69 @@ def _fmt(s: dict[str, float]) -> str:
     return f"{s['median']:.1e} / {s['p99']:.1e} / {s['max']:.1e}"
 
 
+def _table(title: str, columns: Sequence[str], rows: Sequence[str], note: str = "") -> list[str]:
+    return ["", f"## {title}", ""] + ([note, ""] if note else []) + [
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + list(rows)
+
+
+def _fd_cells(fd: dict[str, Any]) -> str:
+    if "error" in fd:
+        return f"{fd['error']} | | | | |"
+    refused = ", ".join(f"{v} {k}" for k, v in sorted(fd["refused"].items())) or "none"
+    cells = [_fmt(fd[f"D{n}"]) if f"D{n}" in fd else "-" for n in (1, 2, 3)]
+    bound = " / ".join(f"{fd[f'D{n}_bound']:.0e}" for n in (1, 2, 3) if f"D{n}_bound" in fd)
+    return f"{fd['checked']} ({fd['tried']}; {refused}) | " + " | ".join(cells) + \
+        f" | {bound or '-'} |"
+
+
 def markdown(results: dict[str, Any]) -> str:
-    cfg = results["config"]
+    cfg, models = results["config"], results["models"]
+    per_target = [(m, t, row) for m in models for t, row in m["targets"].items()]
+    base = ["model", "layer", "init", "target"]
+    times = ("taylor_sampled", "taylor_full_per_image_est", "taylor_full") + ENGINES
     lines = [
-        "# Derivative correctness of Grad-CAM++ inputs",
-        "",
+        "# Derivative correctness of Grad-CAM++ inputs", "",
         f"Images: {cfg['num_images']} held-out synthetic lesions, {cfg['image_size']} px; "
         f"{cfg['coords']} sampled coordinates per layer for the `taylor` ground truth; "
-        "errors are |x - truth| / "
-        "max|truth| per image (absolute where the truth is identically 0), as median / p99 / max.",
+        "errors are |x - truth| / max|truth| per image (absolute where the truth is "
+        "identically 0), as median / p99 / max.",
         "Regenerate: `python -m experiments.derivatives` (add `--checkpoint DIR` for your own "
         "trained model). `init`: `trained` = trained briefly here on the synthetic lesion set, "
-        "`random` = random initialisation (a control).",
-        "",
-    ]
-    for arch, t in results.get("training", {}).items():
-        lines.append(f"- {arch}: {t['note']}")
-    lines += [
-        "",
-        "## Certificate (head piecewise linear?)",
-        "",
-        "| model | layer | init | activations | coordinates | piecewise linear |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in results["models"]:
-        lines.append(f"| {m['arch']} | {m['layer']} | {m['init']} | {m['activation_shape']} | "
-                     f"{m['coordinates']} | {'yes' if m['certified'] else 'no'} |")
-    lines += ["", "## D2, D3, alpha vs taylor (median / p99 / max relative error)", "",
-              "| model | layer | init | target | engine | D2 | D3 | alpha |",
-              "|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            for e, errs in row["errors"].items():
-                lines.append(f"| {_key(m)} | {t} | {e} | {_fmt(errs['D2'])} | "
-                             f"{_fmt(errs['D3'])} | {_fmt(errs['alpha'])} |")
-    lines += ["", "## taylor (float64) vs float64 finite differences (image 0)", "",
-              "`jaxcam.testing`'s oracle: steps from each line's own scale, an error bound "
-              f"per estimate; a coordinate is checked when every target and order is trusted "
-              f"(bound <= {FD_RTOL:g} of the scale, max |taylor| over the sampled coordinates), "
-              "else refused and replaced. Errors relative to that scale; `bound`: the largest "
-              "error bound of the checked estimates (D1 / D2 / D3).", "",
-              "| model | layer | init | target | checked (tried; refused) | D1 | D2 | D3 "
-              "| bound |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            fd = row.get("finite_differences")
-            if not fd:
-                continue
-            if "error" in fd:
-                lines.append(f"| {_key(m)} | {t} | {fd['error']} | | | | |")
-                continue
-            refused = ", ".join(f"{v} {k}" for k, v in sorted(fd["refused"].items())) or "none"
-            cells = [_fmt(fd[f"D{n}"]) if f"D{n}" in fd else "-" for n in (1, 2, 3)]
-            bound = " / ".join(f"{fd[f'D{n}_bound']:.0e}" for n in (1, 2, 3)
-                               if f"D{n}_bound" in fd) or "-"
-            lines.append(f"| {_key(m)} | {t} | {fd['checked']} ({fd['tried']}; {refused}) | "
-                         + " | ".join(cells) + f" | {bound} |")
-    lines += ["", "## Map-level effect (Grad-CAM++ maps, mean over images)", "",
-              "| model | layer | init | target | comparison | Pearson | Spearman | top-20% IoU "
-              "| max abs diff |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            note = " (exact D2 == 0: degenerate)" if row["exact_D2_identically_zero"] else ""
-            for comp, s in row["maps"].items():
-                lines.append(f"| {_key(m)} | {t}{note} | {comp} | "
-                             f"{s['pearson']:.4f} | {s['spearman']:.4f} | {s['iou_top20']:.3f} | "
-                             f"{s['max_abs_diff']:.2e} |")
-    lines += ["", "## Engine time (seconds per call on the whole batch, after compilation)", "",
-              "| model | layer | init | target | " + " | ".join(
-                  ("taylor (sampled)", "taylor full / image (est.)") + ENGINES) + " |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for m in results["models"]:
-        for t, row in m["targets"].items():
-            s = row["seconds"]
-            cells = [s.get("taylor_sampled"), s.get("taylor_full_per_image_est")] + [
-                s.get(e) for e in ENGINES]
-            lines.append(f"| {_key(m)} | {t} | " + " | ".join(
-                "-" if c is None else f"{c:.3g}" for c in cells) + " |")
+        "`random` = random initialisation (a control).", "",
+    ] + [f"- {arch}: {t['note']}" for arch, t in results.get("training", {}).items()]
+    lines += _table("Certificate (head piecewise linear?)", base[:3] + [
+        "activations", "coordinates", "piecewise linear"], [
+        f"| {_key(m)} | {m['activation_shape']} | {m['coordinates']} | "
+        f"{'yes' if m['certified'] else 'no'} |" for m in models])
+    lines += _table("D2, D3, alpha vs taylor (median / p99 / max relative error)", base + [
+        "engine", "D2", "D3", "alpha"], [
+        f"| {_key(m)} | {t} | {e} | {_fmt(errs['D2'])} | {_fmt(errs['D3'])} | "
+        f"{_fmt(errs['alpha'])} |" for m, t, row in per_target
+        for e, errs in row["errors"].items()])
+    lines += _table(
+        "taylor (float64) vs float64 finite differences (image 0)", base + [
+            "checked (tried; refused)", "D1", "D2", "D3", "bound"],
+        [f"| {_key(m)} | {t} | " + _fd_cells(row["finite_differences"])
+         for m, t, row in per_target if row.get("finite_differences")],
+        "`jaxcam.testing`'s oracle: steps from each line's own scale, an error bound per "
+        "estimate; a coordinate is checked when every target and order is trusted (bound <= "
+        f"{FD_RTOL:g} of the scale, max |taylor| over the sampled coordinates), else refused "
+        "and replaced. Errors relative to that scale; `bound`: the largest error bound of the "
+        "checked estimates (D1 / D2 / D3).")
+    lines += _table("Map-level effect (Grad-CAM++ maps, mean over images)", base + [
+        "comparison", "Pearson", "Spearman", "top-20% IoU", "max abs diff"], [
+        f"| {_key(m)} | {t}{' (exact D2 == 0: degenerate)' * row['exact_D2_identically_zero']}"
+        f" | {comp} | {s['pearson']:.4f} | {s['spearman']:.4f} | {s['iou_top20']:.3f} | "
+        f"{s['max_abs_diff']:.2e} |" for m, t, row in per_target
+        for comp, s in row["maps"].items()])
+    lines += _table(
+        "Engine time (seconds per call on the whole batch, after compilation)", base + [
+            "taylor (sampled)", "taylor full / image (est.)", "taylor full", *ENGINES],
+        [f"| {_key(m)} | {t} | " + " | ".join(
+            "-" if row["seconds"].get(k) is None else f"{row['seconds'][k]:.3g}"
+            for k in times) + " |" for m, t, row in per_target],
+        "`taylor full`: the exact map where `factored` does not apply (a ViT's `row_head` "
+        "where it has one); the estimate is the sampled generic pass scaled up.")
     return "\n".join(lines) + "\n"
 
 
@@ -608,16 +626,15 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
 
     image = np.clip(np.asarray(x[0]) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
     for m in results["models"]:
+        if not all("_log_err" in row for row in m["targets"].values()):
+            continue  # a layer kept from a resumed run has no arrays to plot
         tag = f"{m['arch']}_{m['layer']}_{m['init']}".replace(".", "_")
         fig, axes = plt.subplots(1, len(m["targets"]), figsize=(4 * len(m["targets"]), 3),
                                  squeeze=False)
-        if not all("_log_err" in row for row in m["targets"].values()):
-            plt.close(fig)
-            continue  # a layer kept from a resumed run has no arrays to plot
         for ax, (t, row) in zip(axes[0], m["targets"].items(), strict=True):
             for e, v in row["_log_err"].items():
                 ax.hist(v, bins=30, alpha=0.5, label=e)
-            ax.set_title(f"{t}: log10 rel. error of D2")
+            ax.set(title=f"{t}: log10 rel. error of D2")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / f"errors_{tag}.png", dpi=80)
@@ -628,8 +645,7 @@ def write_plots(results: dict[str, Any], x, out_dir: Path) -> None:
             fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3))
             for ax, (title, im) in zip(axes, panels, strict=True):
                 ax.imshow(im, cmap=None if im.ndim == 3 else "jet", vmin=0, vmax=1)
-                ax.set_title(title)
-                ax.axis("off")
+                ax.set(title=title, xticks=[], yticks=[])
             fig.suptitle(f"{m['arch']} {m['layer']} ({m['init']}) target={t}")
             fig.savefig(out_dir / f"maps_{tag}_{t}.png", dpi=80)
             plt.close(fig)

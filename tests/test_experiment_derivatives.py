@@ -72,3 +72,55 @@ def test_bad_options_exit_with_a_message(tmp_path):
     with pytest.raises(SystemExit, match="use --inits random"):
         study.parse_args(["--num-classes", "7"])
     assert study.parse_args(["--num-classes", "7", "--inits", "random"]).num_classes == 7
+    with pytest.raises(SystemExit, match="unknown architecture 'vit_l_16'; use one of "
+                                         "resnet50, .*vit_b_16"):
+        study.parse_args(["--models", "vit_l_16"])
+    with pytest.raises(SystemExit, match="--image-size 100: vit_b_16 cuts images into 16 px"):
+        study.parse_args(["--models", "vit_b_16:default", "--image-size", "100"])
+    assert study.parse_args(["--models", "vit_ti_16:default", "--image-size", "32",
+                             "--inits", "random"]).image_size == 32
+
+
+def test_vit_layer_on_the_token_grid():
+    """ViT-Ti/16 at 32 px (a 2x2 patch grid), random init, at its default layer (the last
+    block's first LayerNorm, crossed by the residual stream): the head is smooth
+    (GELU, softmax attention, LayerNorm), so no certificate and no ``factored``; the
+    generic taylor ground truth agrees with float64 finite differences, the exact map
+    (taylor through the model's row_head, the class token's path only) equals the one
+    from generic taylor on every grid coordinate, and the closed form is not exact."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxcam
+
+    config = study.Config(models=("vit_ti_16:default",), targets=("softmax",), num_images=1,
+                          image_size=32, coords=8, fd_coords=2, inits=("random",), plots=False,
+                          progress=False)
+    model = jaxcam.models.get("vit_ti_16", config.num_classes)
+    variables = model.init(jax.random.PRNGKey(0), image_size=32)
+    x = jnp.asarray(study._images(1, 32, 0))
+    layer = model.resolve_layer(None)
+    res = study.study_layer(model, variables, x, layer, config, np.random.default_rng(0))
+    assert res["certified"] is False and res["activation_shape"] == [2, 2, 192]
+    assert res["token_shape"] == [5, 192]  # the class token is not on the grid
+    row = res["targets"]["softmax"]
+    assert set(row["errors"]) == {"closed_form", "nested_sum"}
+    fd = row["finite_differences"]
+    assert fd["checked"] == 2, fd
+    for n in (1, 2, 3):
+        assert fd[f"D{n}_bound"] <= study.FD_RTOL
+        assert fd[f"D{n}"]["max"] < 2 * study.FD_RTOL
+    # the closed form e^S g^2, e^S g^3 is wrong through a smooth head: its D2 is off by
+    # a large fraction of the largest true D2
+    assert row["errors"]["closed_form"]["D2"]["median"] > 0.1
+    assert row["maps"]["exact_vs_closed_form"]["max_abs_diff"] > 1e-3
+    # row_head's exact derivatives == generic taylor over every grid coordinate
+    A = model.features(variables, x, layer)
+    cls = jnp.argmax(model.head(variables, A, layer, x=x), -1).astype(jnp.int32)
+    assert model.row_head(variables, A, layer, x=x) is not None  # the fast path exists here
+    generic = study.engine_fn(model, layer, x, cls, "taylor", "softmax", False,
+                              row_head=False)(variables, A)
+    for d_fast, d_generic in zip(row["_exact"], generic, strict=True):
+        assert d_fast.shape == (1, 2, 2, 192)
+        np.testing.assert_allclose(d_fast, d_generic, rtol=1e-4,
+                                   atol=1e-5 * float(jnp.abs(d_generic).max()))
