@@ -366,7 +366,11 @@ def study_layer(model, variables, x, layer, config: Config, rng) -> dict[str, An
     raw = index[coords]  # the sampled grid cells' indices into A[0]
     sum_a = np.asarray(Ag.sum((1, 2)))[:, coords % Ag.shape[-1]][:, None, None, :]
     out: dict[str, Any] = {"layer": layer, "activation_shape": list(Ag.shape[1:]),
-                           "coordinates": n_coords, "certified": certified, "targets": {}}
+                           "coordinates": n_coords, "certified": certified, "targets": {},
+                           # softmax probability of the explained class per image: near 1
+                           # the softmax-type derivatives vanish to float32 round-off
+                           "class_probability": np.asarray(jnp.take_along_axis(
+                               jax.nn.softmax(logits, -1), cls[:, None], 1)[:, 0]).tolist()}
     if A.shape != Ag.shape:
         out["token_shape"] = list(A.shape[1:])
 

@@ -33,6 +33,7 @@ def test_tiny_configuration_end_to_end(tmp_path):
         ("resnet50", "layer4", "trained"), ("resnet50", "layer4", "random")]
     assert 0.0 <= results["training"]["resnet50"]["val_accuracy"] <= 1.0
     assert (tmp_path / "train" / "resnet50" / "checkpoints").is_dir()
+    checked = 0
     for layer in results["models"]:
         assert layer["certified"] is True
         exp = layer["targets"]["exp"]
@@ -40,6 +41,17 @@ def test_tiny_configuration_end_to_end(tmp_path):
             for quantity in ("D2", "D3", "alpha"):
                 assert exp["errors"][engine][quantity]["max"] < 1e-4
         assert exp["maps"]["exact_vs_closed_form"]["max_abs_diff"] < 1e-4
+        # softmax-type derivatives carry the factor p (1 - p) (and higher powers): when
+        # the briefly trained model is confident (1 - p ~ 1e-5, which depends on the
+        # trajectory of two Adam steps) they sit at float32 round-off and the float64
+        # FD oracle refuses every coordinate. That row is then not evidence either way;
+        # the random-init row (logits within a few units) must be, and is checked
+        resolved = 1.0 - max(layer["class_probability"]) > 1e-3
+        if layer["init"] == "random":
+            assert resolved, layer["class_probability"]
+        if not resolved:
+            continue
+        checked += 1
         softmax = layer["targets"]["softmax"]
         assert softmax["errors"]["factored"]["D2"]["max"] < 1e-3
         assert softmax["errors"]["nested_sum"]["D2"]["max"] > 1e-2  # the row-sum shortcut is off
@@ -53,6 +65,7 @@ def test_tiny_configuration_end_to_end(tmp_path):
             for n in (1, 2, 3):
                 assert fd[f"D{n}_bound"] <= study.FD_RTOL
                 assert fd[f"D{n}"]["max"] < 2 * study.FD_RTOL
+    assert checked >= 1
     report = (tmp_path / "report.md").read_text()
     assert "| resnet50 | layer4 | random | exp | closed_form |" in report
     assert "| resnet50 | layer4 | trained | exp | closed_form |" in report
