@@ -261,8 +261,23 @@ def make_train_step(model, tx, weights, label_smoothing: float = 0.0):
     return train_step
 
 
+def make_batch_stats_fn(model, seed: int = 0) -> Callable:
+    """Jitted train-mode call ``(params, batch_stats, images) -> updated batch_stats``
+    (the running statistics after one moving-average update), for
+    :func:`recalibrate_batch_stats`; build it once and reuse it across epochs."""
+
+    @jax.jit
+    def update(params, old, x):
+        _, updates = model.apply({"params": params, "batch_stats": old}, x, train=True,
+                                 rng=jax.random.PRNGKey(seed))
+        return updates["batch_stats"]
+
+    return update
+
+
 def recalibrate_batch_stats(model, variables: Mapping, batches: Iterable[Batch],
-                            num_batches: int, seed: int = 0) -> dict:
+                            num_batches: int, seed: int = 0,
+                            stats_fn: Callable | None = None) -> dict:
     """Batch-norm running statistics recomputed under fixed weights ("precise BN").
 
     Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm" (arXiv:2105.07576), sec. 3:
@@ -275,19 +290,15 @@ def recalibrate_batch_stats(model, variables: Mapping, batches: Iterable[Batch],
     train-mode call returns ``(1 - m) b_t``, and ``m`` is that call's update of
     statistics set to 1 minus it (one more call), so any momentum works.
 
+    ``stats_fn``: :func:`make_batch_stats_fn` of ``model`` (made here when None).
+
     Returns new variables (``params`` unchanged); the input unchanged when it has
     no ``batch_stats``, ``num_batches`` is 0 or ``batches`` is empty.
     """
     stats = variables.get("batch_stats")
     if not stats or num_batches <= 0:
         return dict(variables)
-
-    @jax.jit
-    def update(params, old, x):
-        _, updates = model.apply({"params": params, "batch_stats": old}, x, train=True,
-                                 rng=jax.random.PRNGKey(seed))
-        return updates["batch_stats"]
-
+    update = stats_fn or make_batch_stats_fn(model, seed)
     params = variables["params"]
     zeros = jax.tree.map(jnp.zeros_like, stats)
     total, momentum, n = None, None, 0
@@ -611,6 +622,7 @@ def fit(
             value > meta["best_value"]
         )
 
+    stats_fn = None  # the batch-norm recalibration call, jitted on first use
     while meta["epoch"] < config.epochs and not meta["stopped"]:
         epoch = meta["epoch"]
         start = meta["step_in_epoch"]
@@ -664,9 +676,10 @@ def fit(
         }
         metrics = None
         if config.bn_recalibration_batches and state.batch_stats:
+            stats_fn = stats_fn or make_batch_stats_fn(model, config.seed)  # one per fit
             recalibrated = recalibrate_batch_stats(
                 model, state_variables(state), train_batches(epoch, 0),
-                config.bn_recalibration_batches, config.seed)
+                config.bn_recalibration_batches, config.seed, stats_fn)
             state = state.replace(batch_stats=recalibrated["batch_stats"])
         if eval_batches is not None:
             val = evaluate(
