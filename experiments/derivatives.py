@@ -555,8 +555,11 @@ def _fmt(s: dict[str, float]) -> str:
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[str], note: str = "") -> list[str]:
-    return ["", f"## {title}", ""] + ([note, ""] if note else []) + [
-        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + list(rows)
+    """A report section: title, note, ``jaxcam.report.table``'s header, ready row lines."""
+    from jaxcam import report
+
+    return ["", f"## {title}", ""] + ([note, ""] if note else []) + report.table(
+        columns, ()) + list(rows)
 
 
 def _fd_cells(fd: dict[str, Any]) -> str:
