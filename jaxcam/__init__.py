@@ -35,6 +35,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "timing": ("jaxcam.timing", None),
     "report": ("jaxcam.report", None),
     "testing": ("jaxcam.testing", None),
+    "benchmark": ("jaxcam.benchmark", None),
     # functions and types
     "explain": ("jaxcam.explanation", "explain"),
     "Explanation": ("jaxcam.explanation", "Explanation"),

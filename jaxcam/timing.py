@@ -1,5 +1,5 @@
 """Measuring JAX calls: wall time after compilation, compile counts, peak memory, and a
-resumable JSON store of keyed results (what ``experiments/benchmark.py`` is built on).
+resumable JSON store of keyed results (what :mod:`jaxcam.benchmark` is built on).
 
 What :func:`measure` reports, per call it times:
 

@@ -1,4 +1,4 @@
-"""The benchmark harness (experiments/benchmark.py): a smoke run, its tables, resuming, goals.
+"""The benchmark harness (:mod:`jaxcam.benchmark`): a smoke run, its tables, resuming, goals.
 
 No timing assertions: the smoke run checks that every cell was measured, that
 every timing is positive and finite, that repeated calls did not recompile,
@@ -12,7 +12,9 @@ import math
 
 import pytest
 
-from experiments import benchmark as bm
+from jaxcam import benchmark as bm
+from jaxcam.benchmark import config as bm_config
+from jaxcam.benchmark import sections as bm_sections
 
 TIMINGS = ("first_call_s", "step_s", "step_min_s", "images_per_s")
 
@@ -107,14 +109,14 @@ def test_markdown_tables_have_the_documented_columns(smoke):
 
 def test_a_second_run_on_the_same_file_resumes_and_measures_nothing(smoke, monkeypatch):
     config, store = smoke
-    monkeypatch.setattr(bm, "measure", lambda *a, **k: pytest.fail("re-measured a cell"))
+    monkeypatch.setattr(bm_sections, "measure", lambda *a, **k: pytest.fail("re-measured a cell"))
     again = bm.run_benchmark(config)
     assert again.records == store.records
 
 
 def test_torch_comparison_is_skipped_with_a_clear_note_when_missing(monkeypatch):
-    real = bm.importlib.util.find_spec
-    monkeypatch.setattr(bm.importlib.util, "find_spec",
+    real = bm_config.importlib.util.find_spec
+    monkeypatch.setattr(bm_config.importlib.util, "find_spec",
                         lambda name: None if name == "pytorch_grad_cam" else real(name))
     available, note = bm.torch_available()
     assert not available
@@ -173,4 +175,26 @@ def test_result_store_refuses_a_file_that_is_not_a_results_file(tmp_path):
 def test_bad_command_lines_exit_2_before_any_work(argv, message, capsys, tmp_path):
     assert bm.main(argv + ["--out", str(tmp_path / "x.json")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("module", ["experiments.benchmark", "jaxcam.benchmark"])
+def test_both_entry_points_run_the_harness_and_name_themselves(module, tmp_path):
+    """``python -m experiments.benchmark`` (the README's command) is a thin script over
+    ``python -m jaxcam.benchmark`` (what an installed jaxcam offers): same flags, same
+    validation, each with its own name in the usage line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = subprocess.run([sys.executable, "-m", module, "--only", "bogus", "--out",
+                          str(tmp_path / "x.json")], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2
+    assert "unknown section(s) ['bogus'] in --only" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                           text=True, cwd=root)
+    assert usage.returncode == 0
+    assert usage.stdout.startswith(f"usage: python -m {module}")
+    assert "--first-call-repeats" in usage.stdout
     assert not (tmp_path / "x.json").exists()

@@ -1,4 +1,4 @@
-"""The benchmark's first-call section (experiments/benchmark.py --only first-call), small.
+"""The benchmark's first-call section (jaxcam.benchmark --only first-call), small.
 
 No timing assertions (the machine is shared): every cell ran in its own process
 without error, the cold-cache run filled the cache that the warm-cache run then
@@ -13,7 +13,9 @@ import math
 
 import pytest
 
-from experiments import benchmark as bm
+from jaxcam import benchmark as bm
+from jaxcam.benchmark import first_call as first_call_section
+from jaxcam.report import number
 
 pytestmark = pytest.mark.skipif(not bm.torch_available()[0],
                                 reason="the section compares with pytorch-grad-cam")
@@ -71,7 +73,7 @@ def test_first_call_table_and_goals_use_ratios_from_the_same_run(first_call):
     assert "### What `jaxcam.explain` compiles" in text
     cold = _record(store, "jaxcam", "cold-cache")["wall_s"]
     pgc = _record(store, "pytorch-grad-cam", "process")["wall_s"]
-    assert f"{bm._fmt(cold / pgc)}x" in text
+    assert f"{number(cold / pgc)}x" in text
     goals = bm.goal_lines(store)
     assert any(g.startswith(f"resnet50 gradcam first call, cold-cache: {cold / pgc:.2f}x")
                for g in goals)
@@ -82,8 +84,8 @@ def test_first_call_table_and_goals_use_ratios_from_the_same_run(first_call):
 @pytest.mark.slow
 def test_a_second_run_on_the_same_file_measures_nothing(first_call, monkeypatch):
     config, store = first_call
-    monkeypatch.setattr(bm, "_run_cli", lambda *a: pytest.fail("measured again"))
-    monkeypatch.setattr(bm, "_run_worker", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(first_call_section, "_run_cli", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(first_call_section, "_run_worker", lambda *a: pytest.fail("measured again"))
     again = bm.run_benchmark(config)
     assert len(again.records) == len(store.records)
 

@@ -136,8 +136,8 @@ def test_the_cli_and_every_experiment_enable_the_cache_before_working(
         monkeypatch, tmp_path, capsys):
     """Each entry point turns the cache on (its --compilation-cache value, else the
     default rules) before any work: recorded by replacing the helper."""
-    from experiments import aptos2019, benchmark, derivatives, ham10000, localization
-    from jaxcam import cli
+    from experiments import aptos2019, derivatives, ham10000, localization
+    from jaxcam import benchmark, cli
 
     assert jaxcam.enable_compilation_cache is compilation.enable_compilation_cache
     calls = []

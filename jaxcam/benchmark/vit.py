@@ -1,4 +1,4 @@
-"""The ``vit`` section of :mod:`experiments.benchmark`: exact Grad-CAM++ through a ViT head.
+"""The ``vit`` section of :mod:`jaxcam.benchmark`: exact Grad-CAM++ through a ViT head.
 
 Cells (ViT-B/16 by default, one image, the default layer ``encoder_layer_11.ln_1``):
 
@@ -17,19 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from jaxcam.benchmark.config import METHOD_SPECS, progress
+
 
 def section_vit(config: Any, bench: Any, store: Any) -> None:
     import jax
     import jax.numpy as jnp
 
     import jaxcam
-    from experiments import benchmark as bm
     from jaxcam import derivatives as deriv
     from jaxcam import targets
     from jaxcam.timing import measure, with_throughput
 
     arch = config.vit_arch
-    bm._progress(f"[vit] exact Grad-CAM++ through the {arch} head (one image)")
+    progress(f"[vit] exact Grad-CAM++ through the {arch} head (one image)")
     base = dict(section="vit", impl="jaxcam", arch=arch, image_size=config.image_size,
                 batch=1, num_classes=config.num_classes, devices=1)
     cache: dict[str, Any] = {}
@@ -45,7 +46,7 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
     for label in ("gradcam", "gradcam++_closed", "gradcam++_exact"):
         def run(label=label):
             model, variables, x = setup()
-            name, extra = bm.METHOD_SPECS[label]
+            name, extra = METHOD_SPECS[label]
             f = jax.jit(lambda v, x: jaxcam.explain(model, v, x, method=name, **extra).raw)
             result = measure(lambda: f(variables, x), repeats=config.repeats,
                                 max_seconds=config.max_seconds)
@@ -88,6 +89,6 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
     key = "seconds_per_coordinate"
     if rows and generic and key in rows and key in generic:
         ratio = generic["seconds_per_coordinate"] / rows["seconds_per_coordinate"]
-        bm._progress(f"    per-token path {ratio:.3g}x faster per coordinate than the generic "
+        progress(f"    per-token path {ratio:.3g}x faster per coordinate than the generic "
                      f"pass ({rows['seconds_per_coordinate'] * 1e6:.3g} vs "
                      f"{generic['seconds_per_coordinate'] * 1e6:.3g} us)")

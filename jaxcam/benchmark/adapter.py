@@ -1,4 +1,4 @@
-"""The ``adapter`` section of :mod:`experiments.benchmark`: what ``from_linen`` costs.
+"""The ``adapter`` section of :mod:`jaxcam.benchmark`: what ``from_linen`` costs.
 
 jaxcam's own ResNet-50 (native ``Model``, cut at ``layer4``) against the same Flax
 module wrapped by ``jaxcam.models.from_linen`` (cut at ``layer4/2``, the same tensor),
@@ -12,13 +12,14 @@ same variables, same image, one image per call, jitted ``jaxcam.explain(...).raw
   programs (equal when the adapter's interceptors add nothing and jit drops the
   unused forward pass after the cut); ``max_abs_diff``: the raw maps agree.
 
-Run alone: ``python -m experiments.benchmark_adapter --image-size 224 --repeats 5``.
+Run alone: ``python -m experiments.benchmark --only adapter --repeats 5``.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
+
+from jaxcam.benchmark.config import METHOD_SPECS, progress
 
 LABELS = ("gradcam", "gradcam++_exact")
 
@@ -34,10 +35,9 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
     import numpy as np
 
     import jaxcam
-    from experiments import benchmark as bm
     from jaxcam.timing import measure_interleaved, with_throughput
 
-    bm._progress("[adapter] from_linen(ResNet-50 module) vs the native model (one image)")
+    progress("[adapter] from_linen(ResNet-50 module) vs the native model (one image)")
     s = config.image_size
     base = dict(section="adapter", impl="from_linen", arch="resnet50", image_size=s,
                 batch=1, num_classes=config.num_classes, devices=1)
@@ -55,7 +55,7 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
     for label in LABELS:
         def run(label=label):
             models, v, x = setup()
-            name, extra = bm.METHOD_SPECS[label]
+            name, extra = METHOD_SPECS[label]
             fns = {
                 side: jax.jit(lambda v, x, m=m, layer=layer: jaxcam.explain(
                     m, v, x, method=name, layer=layer, **extra).raw)
@@ -71,28 +71,10 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
                           max_abs_diff=float(np.abs(raws["adapter"] - raws["native"]).max()))
             for side, f in fns.items():
                 result[f"flops_{side}"] = _flops(f, v, x)
-            bm._progress(f"    {label}: adapter {result['step_s']:.4g} s, native "
+            progress(f"    {label}: adapter {result['step_s']:.4g} s, native "
                          f"{result['native_step_s']:.4g} s, ratio {result['ratio_to_native']:.3f}"
                          f" (flops {result['flops_adapter']} vs {result['flops_native']})")
             return with_throughput(result, 1)
 
-        store.cell(dict(base, method=label), run, log=bm._progress)
+        store.cell(dict(base, method=label), run, log=progress)
 
-
-def main(argv: list[str] | None = None) -> None:
-    from experiments import benchmark as bm
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--max-seconds", type=float, default=60.0)
-    p.add_argument("--out", default="results/benchmark_adapter.json")
-    a = p.parse_args(argv)
-    config = bm.BenchmarkConfig(only=(), image_size=a.image_size, num_classes=a.num_classes,
-                                repeats=a.repeats, max_seconds=a.max_seconds, out=a.out)
-    section_adapter(config, bm.Workbench(config), bm.ResultStore(a.out, resume=False))
-
-
-if __name__ == "__main__":
-    main()
