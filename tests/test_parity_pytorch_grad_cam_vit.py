@@ -84,3 +84,52 @@ def test_vit_maps_equal_pytorch_grad_cam(name, their_class):
             continue
         assert maps[b].std() > 0.05  # a real map
         np.testing.assert_allclose(maps[b], ref[b], atol=2e-3, err_msg=f"{name} image {b}")
+
+
+def test_vit_closed_form_gradcam_pp_equals_pytorch_grad_cams_formula_without_its_eps():
+    """Closed-form Grad-CAM++ on a ViT is pytorch-grad-cam's ``GradCAMPlusPlus`` (its
+    hooks, ``reshape_transform``, ReLU, normalisation and resize) once its ``eps = 1e-6``
+    is removed from the alpha denominator ``2 g^2 + sum(A) g^3``.
+
+    That eps is why the two libraries' ViT Grad-CAM++ maps differ (0.56 and 0.22 here):
+    on this ViT the logit's gradients are small (median ``g^2`` ~8e-9), so eps outweighs
+    the denominator at almost every position with ``g > 0`` and pytorch-grad-cam's alpha
+    becomes ``g^2 / eps`` instead of ~1/2. Checked first, so the comparison below is not
+    vacuous. (On ResNet-50 the parity test scales the classifier instead, which makes the
+    eps negligible; on a ViT that scaling also makes ``sum(A) g^3`` cancel ``2 g^2``
+    (signed LayerNorm outputs), and the maps become ill-conditioned in float32.) Neither
+    sign rule matters here: no denominator at ``g > 0`` is negative.
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    class GradCAMPlusPlusNoEps(pgc.GradCAMPlusPlus):
+        def get_cam_weights(self, input_tensor, target_layers, target_category,
+                            activations, grads):
+            g2, g3 = grads**2, grads**3
+            den = 2 * g2 + activations.sum(axis=(2, 3), keepdims=True) * g3
+            alpha = np.where((grads != 0) & (den != 0), g2 / np.where(den != 0, den, 1), 0)
+            return (np.maximum(grads, 0) * alpha).sum(axis=(2, 3))
+
+    net, model, variables, x = setup()
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    targets = [ClassifierOutputTarget(c) for c in CLASSES]
+    layer = [net.encoder.layers[-1].ln_1]
+    cam = pgc.GradCAMPlusPlus(model=net, target_layers=layer,
+                              reshape_transform=reshape_transform)
+    with_eps = cam(input_tensor=xt, targets=targets)
+    g = cam.activations_and_grads.gradients[0].numpy().copy()
+    A = cam.activations_and_grads.activations[0].numpy().copy()
+    den = 2 * g**2 + A.sum(axis=(2, 3), keepdims=True) * g**3
+    live = g > 0
+    assert np.mean(np.abs(den[live]) < 1e-6) > 0.9, "eps no longer dominates: see docstring"
+    assert not (den[live] < 0).any()
+    no_eps = GradCAMPlusPlusNoEps(model=net, target_layers=layer,
+                                  reshape_transform=reshape_transform)(input_tensor=xt,
+                                                                       targets=targets)
+    assert np.abs(with_eps - no_eps).max() > 0.1  # the eps is what differs
+    ex = jaxcam.explain(model, variables, x, method="gradcam++", derivatives="closed_form",
+                        class_idx=CLASSES)
+    maps = np.asarray(ex.maps)
+    for b in range(2):
+        assert not bool(ex.degenerate[b]) and maps[b].std() > 0.05
+        np.testing.assert_allclose(maps[b], no_eps[b], atol=2e-3, err_msg=f"image {b}")
