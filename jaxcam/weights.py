@@ -992,3 +992,23 @@ def random_torchvision(arch: str, num_classes: int = 1000, seed: int = 0):
         p.requires_grad_(True)
     model, variables = load_torchvision(net.state_dict(), arch)
     return net, model, variables
+
+
+def torchvision_module(net: Any, layer: str) -> Any:
+    """The submodule of torchvision model ``net`` whose output is jaxcam's cut point
+    ``layer`` (a canonical name, :meth:`Model.resolve_layer`): jaxcam names cut points by
+    torchvision's module paths (``"layer4"``, ``"features.35"``,
+    ``"encoder.layers.encoder_layer_11.ln_1"``). For hooks, e.g. pytorch-grad-cam's
+    ``target_layers``."""
+    module = net
+    for part in layer.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def vit_reshape_transform(tokens: Any) -> Any:
+    """pytorch-grad-cam's ``reshape_transform`` for a torchvision ViT: torch tokens
+    ``(B, 1 + g*g, D)``, the class token first, -> the patch grid ``(B, D, g, g)``
+    (channels first), as jaxcam's ViT ``to_grid`` does (without the transpose)."""
+    g = math.isqrt(tokens.shape[1] - 1)
+    return tokens[:, 1:].reshape(tokens.shape[0], g, g, tokens.shape[2]).permute(0, 3, 1, 2)

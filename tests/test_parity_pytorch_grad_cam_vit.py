@@ -133,3 +133,15 @@ def test_vit_closed_form_gradcam_pp_equals_pytorch_grad_cams_formula_without_its
     for b in range(2):
         assert not bool(ex.degenerate[b]) and maps[b].std() > 0.05
         np.testing.assert_allclose(maps[b], no_eps[b], atol=2e-3, err_msg=f"image {b}")
+
+
+def test_the_librarys_hook_helpers_are_pytorch_grad_cams_vit_recipe():
+    """``jaxcam.weights.torchvision_module`` finds the module of a cut point by its name,
+    and ``jaxcam.weights.vit_reshape_transform`` is the tutorial's reshape above (the
+    benchmark and ``experiments.gradcampp_parity`` use both)."""
+    net, model, _, _ = setup()
+    assert jaxcam.weights.torchvision_module(net, LAYER) is net.encoder.layers[-1].ln_1
+    resnet = torchvision.models.resnet50(weights=None)
+    assert jaxcam.weights.torchvision_module(resnet, "layer4.2") is resnet.layer4[2]
+    tokens = torch.randn(2, 1 + GRID * GRID, 192)
+    assert torch.equal(jaxcam.weights.vit_reshape_transform(tokens), reshape_transform(tokens))

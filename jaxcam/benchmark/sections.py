@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcam import timing
+from jaxcam import timing, weights
 from jaxcam.benchmark.config import (
     KEY_FIELDS,
     METHOD_SPECS,
@@ -95,22 +95,6 @@ def section_methods(config: BenchmarkConfig, bench: Workbench, store: ResultStor
                 store.cell(key, run)
 
 
-def _torch_layer(torch_model, arch: str, layer: str):
-    """The torchvision module whose output is jaxcam's cut point ``layer``."""
-    module = torch_model
-    for part in layer.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
-
-
-def vit_reshape_transform(tokens):
-    """pytorch-grad-cam's ``reshape_transform`` for a ViT: tokens ``(B, 1 + g*g, D)``, the
-    class token first, -> the patch grid ``(B, D, g, g)`` (channels first), as jaxcam's
-    ViT ``to_grid`` does (without the transpose)."""
-    g = math.isqrt(tokens.shape[1] - 1)
-    return tokens[:, 1:].reshape(tokens.shape[0], g, g, tokens.shape[2]).permute(0, 3, 1, 2)
-
-
 def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore) -> None:
     if not bench.use_torch:
         progress(f"[torch] {bench.torch_note}")
@@ -167,8 +151,10 @@ def section_torch(config: BenchmarkConfig, bench: Workbench, store: ResultStore)
                         if too_big:
                             return {"skipped": too_big}
                     cam = getattr(pytorch_grad_cam, cls_name)(
-                        model=torch_model, target_layers=[_torch_layer(torch_model, arch, layer)],
-                        reshape_transform=vit_reshape_transform if arch in VIT_ARCHS else None,
+                        model=torch_model,
+                        target_layers=[weights.torchvision_module(torch_model, layer)],
+                        reshape_transform=(weights.vit_reshape_transform if arch in VIT_ARCHS
+                                           else None),
                     )
                     images = bench.images(batch)
                     x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
