@@ -1,0 +1,38 @@
+"""``python -m experiments.gradcampp_parity``: what it prints is the measurement README
+quotes (pytorch-grad-cam's Grad-CAM++ without its eps equals jaxcam's closed form)."""
+
+import re
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("torchvision")
+pytest.importorskip("pytorch_grad_cam")
+
+from experiments import gradcampp_parity  # noqa: E402
+
+
+def _differences(text: str, pair: str) -> list[float]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(pair + ":"))
+    return [float(v) for v in re.findall(r"[-+0-9.e]+", line.split("per image")[1])]
+
+
+def test_small_resnet_run_prints_each_pair_and_the_eps_free_formula_matches(capsys):
+    assert gradcampp_parity.main(["--image-size", "64", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet50 (random torchvision init, seed 0), layer4, 64 px, 1 images" in out
+    assert re.search(r"median g\^2 = [0-9.e+-]+ \(eps = 1e-6\)", out)
+    (same,) = _differences(out, "its eps=0 formula vs jaxcam explain closed form")
+    assert same < 1e-4
+    (free,) = _differences(out, "its eps=0 formula vs jaxcam closed form without e^S_c")
+    assert free < 1e-4
+    (with_eps,) = _differences(out, "pytorch-grad-cam vs its eps=0 formula")
+    (ours,) = _differences(out, "pytorch-grad-cam vs jaxcam explain closed form")
+    assert abs(with_eps - ours) < 1e-4  # the whole difference is the eps
+
+
+def test_a_vit_at_another_size_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit) as err:
+        gradcampp_parity.main(["--arch", "vit_b_16", "--image-size", "96"])
+    assert err.value.code == 2
+    assert "224 px only" in capsys.readouterr().err
