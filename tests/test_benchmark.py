@@ -86,6 +86,7 @@ def test_pytorch_grad_cam_on_the_imported_weights_gives_the_same_gradcam(smoke):
     by_method = {r["method"]: r for r in store.records if r["impl"] == "pytorch-grad-cam"}
     assert by_method["gradcam"]["torch_class"] == "GradCAM"
     assert by_method["gradcam"]["agreement"]["max_abs_diff"] < 1e-4
+    assert by_method["gradcam"]["agreement"]["reference_peak_min"] > 0.99  # a real map
     # exact Grad-CAM++ with the exp target equals the closed form; pytorch-grad-cam
     # adds eps = 1e-6 to the alpha denominator, which dominates where g^2 is small
     # (random weights: g^2 ~ 5e-8): close, not equal (experiments/gradcampp_parity.py).
@@ -198,3 +199,29 @@ def test_both_entry_points_run_the_harness_and_name_themselves(module, tmp_path)
     assert usage.stdout.startswith(f"usage: python -m {module}")
     assert "--first-call-repeats" in usage.stdout
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_flat_pytorch_grad_cam_map_is_flagged_not_read_as_disagreement(tmp_path):
+    """pytorch-grad-cam divides by ``max + 1e-7``: a raw map far below 1e-7 (random
+    EfficientNet-B0) gives it a flat map near 0 beside jaxcam's [0, 1] map of the same
+    shape. The agreement keeps ``max_abs_diff`` (~1) and says the reference is flat."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ours = rng.random((2, 8, 8))
+    ours /= ours.max(axis=(1, 2), keepdims=True)
+    agree = bm_sections._agreement(None, None, None, "gradcam", ours * 5e-8, ours)
+    assert agree["max_abs_diff"] > 0.99
+    assert agree["min_pearson"] > 0.999999
+    assert agree["reference_peak_min"] == pytest.approx(5e-8)
+    healthy = bm_sections._agreement(None, None, None, "gradcam", ours, ours)
+    assert healthy["max_abs_diff"] == 0 and healthy["reference_peak_min"] == 1
+    store = bm.ResultStore(tmp_path / "r.json")
+    key = dict(section="methods", impl="jaxcam", arch="efficientnet_b0", image_size=224,
+               batch=1, method="gradcam", num_classes=1000, devices=1, cell=None)
+    store.add({**key, "step_s": 0.04, "images_per_s": 25.0})
+    store.add({**key, "section": "torch", "impl": "pytorch-grad-cam", "step_s": 0.16,
+               "images_per_s": 6.2, "agreement": agree})
+    row = next(ln for ln in bm.render_markdown(store).splitlines()
+               if ln.startswith("| efficientnet_b0 | 224 | 1 | gradcam |"))
+    assert row.endswith("| 1 (pgc map flat, peak 5e-08) |"), row

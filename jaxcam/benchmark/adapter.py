@@ -72,8 +72,8 @@ def section_adapter(config: Any, bench: Any, store: Any) -> None:
             for side, f in fns.items():
                 result[f"flops_{side}"] = _flops(f, v, x)
             progress(f"    {label}: adapter {result['step_s']:.4g} s, native "
-                         f"{result['native_step_s']:.4g} s, ratio {result['ratio_to_native']:.3f}"
-                         f" (flops {result['flops_adapter']} vs {result['flops_native']})")
+                     f"{result['native_step_s']:.4g} s, ratio {result['ratio_to_native']:.3f}"
+                     f" (flops {result['flops_adapter']} vs {result['flops_native']})")
             return with_throughput(result, 1)
 
         store.cell(dict(base, method=label), run, log=progress)

@@ -171,7 +171,7 @@ def section_first_call(config: BenchmarkConfig, bench: Workbench, store: ResultS
         return
     size = config.first_call_image_size
     progress(f"[first-call] whole `jaxcam explain` of one 400x300 JPEG at {size} px in fresh "
-              "processes, beside the pytorch-grad-cam script (interleaved)")
+             "processes, beside the pytorch-grad-cam script (interleaved)")
     root = str(Path(__file__).resolve().parents[2])
     base_env = dict(os.environ)
     base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
@@ -199,7 +199,7 @@ def _first_call_cells(config, store, arch, method, files, work: Path, base_env, 
         progress(f"  skip (already measured): {arch} {method}")
         return
     progress(f"  measuring {arch} {method}: {len(todo)} cells x "
-              f"{config.first_call_repeats} repeats ...")
+             f"{config.first_call_repeats} repeats ...")
 
     def cli_argv(image: str, out: str, cache: str) -> list[str]:
         argv = [image, "--weights", files["safetensors"], "--arch", arch, "--method", method,
@@ -305,4 +305,4 @@ def _compiles_cell(config, store, arch, files, base_env, root) -> None:
     store.add(record)
     for step in record.get("steps", []):
         progress(f"    {step['step']}: {step['compiles']} compilations, "
-                  f"{step['compile_s']:.2f} s compiling, {step['trace_s']:.2f} s tracing")
+                 f"{step['compile_s']:.2f} s compiling, {step['trace_s']:.2f} s tracing")

@@ -19,6 +19,13 @@ def _ok(r: dict | None) -> bool:
     return bool(r) and "step_s" in r
 
 
+def _flat(agree: dict) -> str:
+    """A note beside ``max abs diff`` when pytorch-grad-cam's maps were flat (its
+    normalisation eps 1e-7 above the raw map, :func:`sections._agreement`)."""
+    peak = agree.get("reference_peak_min")
+    return f" (pgc map flat, peak {_fmt(peak)})" if peak is not None and peak < 0.5 else ""
+
+
 def render_markdown(store: ResultStore) -> str:
     """Markdown tables of every record in the store, one per section, plus the goals."""
     recs = store.records
@@ -79,7 +86,7 @@ def render_markdown(store: ResultStore) -> str:
                 + f" {_fmt(r['step_s'] / f['step_s'] if _ok(f) else None)} | "
                 f"{_fmt(t['images_per_s'] if _ok(t) else None)} | "
                 f"{_fmt(r['images_per_s'] / t['images_per_s'] if _ok(t) else None)} | "
-                f"{_fmt(agree.get('max_abs_diff'))} |"
+                f"{_fmt(agree.get('max_abs_diff'))}{_flat(agree)} |"
             )
         out.append("")
 

@@ -49,7 +49,7 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
             name, extra = METHOD_SPECS[label]
             f = jax.jit(lambda v, x: jaxcam.explain(model, v, x, method=name, **extra).raw)
             result = measure(lambda: f(variables, x), repeats=config.repeats,
-                                max_seconds=config.max_seconds)
+                             max_seconds=config.max_seconds)
             return with_throughput(result, 1)
 
         store.cell(dict(base, method=label), run)
@@ -90,5 +90,5 @@ def section_vit(config: Any, bench: Any, store: Any) -> None:
     if rows and generic and key in rows and key in generic:
         ratio = generic["seconds_per_coordinate"] / rows["seconds_per_coordinate"]
         progress(f"    per-token path {ratio:.3g}x faster per coordinate than the generic "
-                     f"pass ({rows['seconds_per_coordinate'] * 1e6:.3g} vs "
-                     f"{generic['seconds_per_coordinate'] * 1e6:.3g} us)")
+                 f"pass ({rows['seconds_per_coordinate'] * 1e6:.3g} vs "
+                 f"{generic['seconds_per_coordinate'] * 1e6:.3g} us)")
