@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch", type=int, default=2)
     a = p.parse_args(argv)
+    if a.batch < 1:
+        p.error(f"--batch must be at least 1; got {a.batch}")
+    if a.image_size < 32:
+        p.error(f"--image-size must be at least 32 px; got {a.image_size}")
     vit = a.arch.startswith("vit")
     if vit and a.image_size != 224:
         p.error("torchvision's ViT-B/16 takes 224 px only; drop --image-size")

@@ -31,8 +31,14 @@ def test_small_resnet_run_prints_each_pair_and_the_eps_free_formula_matches(caps
     assert abs(with_eps - ours) < 1e-4  # the whole difference is the eps
 
 
-def test_a_vit_at_another_size_is_refused_before_any_work(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "vit_b_16", "--image-size", "96"], "224 px only"),
+    (["--batch", "0"], "--batch must be at least 1; got 0"),
+    (["--image-size", "16"], "--image-size must be at least 32 px; got 16"),
+    (["--arch", "alexnet"], "invalid choice: 'alexnet'"),
+])
+def test_bad_flags_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
-        gradcampp_parity.main(["--arch", "vit_b_16", "--image-size", "96"])
+        gradcampp_parity.main(argv)
     assert err.value.code == 2
-    assert "224 px only" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
